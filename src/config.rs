@@ -1,0 +1,384 @@
+//! Configuration from environment variables (and `.env`, loaded by `main`).
+//!
+//! Every bad setting stops start-up with one line naming it: see [`ConfigError`].
+
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use secrecy::SecretString;
+use url::Url;
+
+use crate::storage::PoolSettings;
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting}: {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// No cross-origin access (the default).
+    None,
+    /// `CORS_ORIGINS=*`: any origin (tokens travel in a header, never in cookies).
+    Any,
+    List(Vec<HeaderValue>),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/HS384/HS512 (`JWT_SECRET`, alias `BETTER_AUTH_SECRET`).
+    pub secret: Option<SecretString>,
+    /// `BETTER_AUTH_URL`: the Better Auth server.
+    pub better_auth_url: Option<Url>,
+    /// The JWKS to fetch public keys from: `JWKS_URL`, else `<BETTER_AUTH_URL>/api/auth/jwks`.
+    pub jwks_url: Option<Url>,
+    /// Required `iss` (`JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (`JWT_AUDIENCE`, comma-separated); empty: `aud` not checked.
+    pub audience: Vec<String>,
+}
+
+impl AuthConfig {
+    /// No key of any kind: the service runs in development mode.
+    pub fn has_key(&self) -> bool {
+        self.secret.is_some() || self.jwks_url.is_some()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: SecretString,
+    pub host: String,
+    pub port: u16,
+    pub auth: AuthConfig,
+    pub cors_origins: CorsOrigins,
+    pub log_format: LogFormat,
+    pub environment: Environment,
+    pub pool: PoolSettings,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`; an empty value counts as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        let environment = match get("APP_ENV").as_deref() {
+            None | Some("development") => Environment::Development,
+            Some("production") => Environment::Production,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "APP_ENV",
+                    format!("expected development or production, got {other:?}"),
+                ));
+            }
+        };
+
+        let database_url = get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        if !["postgres://", "postgresql://", "sqlite:"]
+            .iter()
+            .any(|scheme| database_url.starts_with(scheme))
+        {
+            // The value may hold a password: name the setting, not its value.
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "expected a postgres://, postgresql:// or sqlite: URL",
+            ));
+        }
+
+        let host = get("HOST").unwrap_or_else(|| "127.0.0.1".into());
+        let port = match get("PORT") {
+            None => 8000,
+            Some(p) => p.trim().parse().map_err(|_| {
+                ConfigError::new("PORT", format!("expected a port number, got {p:?}"))
+            })?,
+        };
+
+        let max_connections = match get("DATABASE_MAX_CONNECTIONS") {
+            None => PoolSettings::default().max_connections,
+            Some(n) => match n.trim().parse::<u32>() {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        "DATABASE_MAX_CONNECTIONS",
+                        format!("expected a number from 1 to 1000, got {n:?}"),
+                    ));
+                }
+            },
+        };
+        let pool = PoolSettings {
+            max_connections,
+            acquire_timeout: Duration::from_secs(5),
+        };
+
+        let auth = auth_config(&get)?;
+        if auth.jwks_url.is_some() && auth.secret.is_none() {
+            let setting = if get("JWKS_URL").is_some() {
+                "JWKS_URL"
+            } else {
+                "BETTER_AUTH_URL"
+            };
+            return Err(ConfigError::new(
+                setting,
+                "this version verifies shared-secret tokens only; set JWT_SECRET (or BETTER_AUTH_SECRET)",
+            ));
+        }
+        if environment == Environment::Production && !auth.has_key() {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                "no key configured; APP_ENV=production needs JWT_SECRET (or BETTER_AUTH_SECRET) or BETTER_AUTH_URL",
+            ));
+        }
+
+        let cors_origins = match get("CORS_ORIGINS") {
+            None => CorsOrigins::None,
+            Some(v) if v.trim() == "*" => CorsOrigins::Any,
+            Some(v) => CorsOrigins::List(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(parse_origin)
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("expected json or pretty, got {other:?}"),
+                ));
+            }
+        };
+
+        Ok(Self {
+            database_url: database_url.into(),
+            host,
+            port,
+            auth,
+            cors_origins,
+            log_format,
+            environment,
+            pool,
+        })
+    }
+}
+
+fn auth_config(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, ConfigError> {
+    let secret = match (get("JWT_SECRET"), get("BETTER_AUTH_SECRET")) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                "JWT_SECRET and BETTER_AUTH_SECRET are both set and differ; set one",
+            ));
+        }
+        (Some(s), _) | (None, Some(s)) => Some(s),
+        (None, None) => None,
+    };
+    let better_auth_url = get("BETTER_AUTH_URL")
+        .map(|v| parse_http_url("BETTER_AUTH_URL", &v))
+        .transpose()?;
+    let jwks_url = match get("JWKS_URL") {
+        Some(v) => Some(parse_http_url("JWKS_URL", &v)?),
+        None => better_auth_url.as_ref().map(|base| {
+            let path = format!("{}/api/auth/jwks", base.path().trim_end_matches('/'));
+            let mut url = base.clone();
+            url.set_path(&path);
+            url
+        }),
+    };
+    let audience = get("JWT_AUDIENCE")
+        .map(|v| {
+            v.split(',')
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(AuthConfig {
+        secret: secret.map(SecretString::from),
+        better_auth_url,
+        jwks_url,
+        issuer: get("JWT_ISSUER"),
+        audience,
+    })
+}
+
+fn parse_http_url(setting: &'static str, value: &str) -> Result<Url, ConfigError> {
+    match Url::parse(value.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
+        _ => Err(ConfigError::new(
+            setting,
+            format!("expected an http(s) URL, got {value:?}"),
+        )),
+    }
+}
+
+fn parse_origin(origin: &str) -> Result<HeaderValue, ConfigError> {
+    let url = parse_http_url("CORS_ORIGINS", origin)?;
+    let canonical = url.origin().ascii_serialization();
+    if canonical != origin.trim_end_matches('/') {
+        return Err(ConfigError::new(
+            "CORS_ORIGINS",
+            format!("expected origins like https://app.example.com, got {origin:?}"),
+        ));
+    }
+    HeaderValue::from_str(&canonical)
+        .map_err(|_| ConfigError::new("CORS_ORIGINS", format!("invalid origin {origin:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8000));
+        assert_eq!(c.environment, Environment::Development);
+        assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(c.cors_origins, CorsOrigins::None);
+        assert!(!c.auth.has_key());
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        for (vars, setting) in [
+            (vec![("PORT", "eighty")], "PORT"),
+            (vec![("PORT", "70000")], "PORT"),
+            (vec![("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+            (vec![("APP_ENV", "staging")], "APP_ENV"),
+            (vec![("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (vec![("CORS_ORIGINS", "not a url")], "CORS_ORIGINS"),
+            (
+                vec![("CORS_ORIGINS", "https://a.example/path")],
+                "CORS_ORIGINS",
+            ),
+            (vec![("BETTER_AUTH_URL", "ftp://x")], "BETTER_AUTH_URL"),
+            (
+                vec![("BETTER_AUTH_URL", "https://auth.example")],
+                "BETTER_AUTH_URL",
+            ),
+            (vec![("JWKS_URL", "https://auth.example/jwks")], "JWKS_URL"),
+            (vec![("JWKS_URL", "nope")], "JWKS_URL"),
+            (
+                vec![("DATABASE_MAX_CONNECTIONS", "0")],
+                "DATABASE_MAX_CONNECTIONS",
+            ),
+            (vec![("APP_ENV", "production")], "JWT_SECRET"),
+            (
+                vec![("JWT_SECRET", "a"), ("BETTER_AUTH_SECRET", "b")],
+                "JWT_SECRET",
+            ),
+        ] {
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.setting, setting, "{vars:?}");
+            assert!(err.to_string().contains(setting));
+        }
+    }
+
+    #[test]
+    fn database_url_errors_never_echo_the_value() {
+        let err = load(&[("DATABASE_URL", "mysql://u:hunter2@h/db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_alias_and_redacted_debug() {
+        let c = load(&[("BETTER_AUTH_SECRET", "s3cret-value")]).unwrap();
+        assert_eq!(
+            c.auth.secret.as_ref().unwrap().expose_secret(),
+            "s3cret-value"
+        );
+        assert!(!format!("{c:?}").contains("s3cret-value"));
+        let c = load(&[("JWT_SECRET", "x"), ("BETTER_AUTH_SECRET", "x")]).unwrap();
+        assert!(c.auth.has_key());
+    }
+
+    #[test]
+    fn jwks_url_derives_from_better_auth_url() {
+        let c = load(&[
+            ("BETTER_AUTH_URL", "https://auth.example.com/"),
+            ("JWT_SECRET", "s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.auth.jwks_url.unwrap().as_str(),
+            "https://auth.example.com/api/auth/jwks"
+        );
+        let c = load(&[
+            ("BETTER_AUTH_URL", "https://auth.example.com"),
+            ("JWKS_URL", "https://keys.example.com/jwks.json"),
+            ("JWT_SECRET", "s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.auth.jwks_url.unwrap().as_str(),
+            "https://keys.example.com/jwks.json"
+        );
+    }
+
+    #[test]
+    fn lists_are_comma_separated() {
+        let c = load(&[
+            ("CORS_ORIGINS", "https://a.example, http://localhost:3000"),
+            ("JWT_AUDIENCE", "api, web"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.cors_origins,
+            CorsOrigins::List(vec![
+                HeaderValue::from_static("https://a.example"),
+                HeaderValue::from_static("http://localhost:3000")
+            ])
+        );
+        assert_eq!(c.auth.audience, vec!["api", "web"]);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            load(&[("CORS_ORIGINS", "*")]).unwrap().cors_origins,
+            CorsOrigins::Any
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! The HTTP interface: routes, shared state, and the layers every request passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, Method, header};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::Verifier;
+use crate::config::CorsOrigins;
+use crate::error::ApiError;
+use crate::storage::TaskStore;
+
+pub mod extract;
+pub mod middleware;
+mod tasks;
+
+/// Largest accepted request body (contract: over 64 KiB → 413).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// `/health` answers within this time even when the database does not.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn TaskStore>,
+    pub verifier: Arc<Verifier>,
+}
+
+/// The whole service as one router.
+pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
+    let mut router = tasks::router()
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    if let Some(cors) = cors_layer(cors) {
+        router = router.layer(cors);
+    }
+    router
+        .layer(axum::middleware::from_fn(middleware::request_context))
+        .with_state(state)
+}
+
+/// 200 when the database answers, 503 (`SERVICE_UNAVAILABLE`) when it does not.
+async fn health(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    match tokio::time::timeout(HEALTH_TIMEOUT, app.store.ping()).await {
+        Ok(Ok(())) => Ok(Json(
+            json!({"status": "ok", "database": app.store.backend()}),
+        )),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "health check: database unavailable");
+            Err(ApiError::Unavailable("Database unavailable"))
+        }
+        Err(_) => {
+            tracing::warn!("health check: database did not answer in time");
+            Err(ApiError::Unavailable("Database unavailable"))
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Not Found")
+}
+
+fn cors_layer(origins: &CorsOrigins) -> Option<CorsLayer> {
+    let allow = match origins {
+        CorsOrigins::None => return None,
+        CorsOrigins::Any => AllowOrigin::any(),
+        CorsOrigins::List(list) => AllowOrigin::list(list.iter().cloned()),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                X_REQUEST_ID.clone(),
+            ])
+            .expose_headers([header::LOCATION, X_REQUEST_ID.clone()])
+            .max_age(Duration::from_secs(600)),
+    )
+}

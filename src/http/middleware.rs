@@ -1,0 +1,81 @@
+//! The layer every request passes: request id, the contract's error body, safe headers,
+//! and one log line.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+use super::X_REQUEST_ID;
+use crate::error::ErrorReport;
+
+/// Longest client-supplied request id that is echoed; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+pub async fn request_context(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = client_request_id(req.headers())
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // The route template, never the concrete path: it holds user ids.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = route.as_deref().unwrap_or("unmatched"),
+        request_id = %request_id,
+        user_id = tracing::field::Empty,
+    );
+
+    let mut response = next.run(req).instrument(span.clone()).await;
+
+    if response.status().is_client_error() || response.status().is_server_error() {
+        render_error(&mut response, &request_id);
+    }
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(X_REQUEST_ID.clone(), value);
+    }
+    // Tasks are private: no shared cache may keep a response.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+
+    let status = response.status().as_u16();
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| tracing::info!(status, duration_ms, "request"));
+    response
+}
+
+/// Writes the contract's error JSON, for our errors (which carry an [`ErrorReport`]) and
+/// for the framework's own (405, …), keeping their headers such as `Allow`.
+fn render_error(response: &mut Response, request_id: &str) {
+    let report = response
+        .extensions_mut()
+        .remove::<ErrorReport>()
+        .unwrap_or_else(|| ErrorReport::for_status(response.status()));
+    let body = report.to_json(request_id);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(body);
+}
+
+/// A client's `X-Request-Id`, if it is safe to echo and log: 1–128 visible ASCII characters.
+fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let id = headers.get(&X_REQUEST_ID)?.to_str().ok()?;
+    (!id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
+        .then_some(id)
+}

@@ -1,0 +1,164 @@
+//! The task API: a multi-user todo backend that verifies Better Auth JWTs and stores tasks
+//! in PostgreSQL or an embedded SQLite file.
+//!
+//! `main.rs` only parses the command line; everything it runs lives here so that tests
+//! drive the same code.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod storage;
+pub mod tasks;
+pub mod telemetry;
+
+use config::Config;
+
+/// How long in-flight requests may run after a shutdown signal before the process exits.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// User and lifetime of the token printed in development mode.
+const DEV_USER: &str = "dev-user";
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Runs the service until SIGTERM or Ctrl-C.
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    telemetry::init(config.log_format);
+
+    let development_secret = if config.auth.has_key() {
+        None
+    } else {
+        let secret = auth::random_secret();
+        config.auth.secret = Some(secret.clone());
+        Some(secret)
+    };
+    if config.auth.jwks_url.is_some() {
+        tracing::warn!(
+            "BETTER_AUTH_URL/JWKS_URL is set, but this version verifies only shared-secret (HS256/384/512) tokens"
+        );
+    }
+
+    let store = storage::connect(config.database_url.expose_secret(), &config.pool)
+        .await
+        .context("DATABASE_URL: cannot open the database")?;
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .with_context(|| {
+            format!(
+                "HOST/PORT: cannot listen on {}:{}",
+                config.host, config.port
+            )
+        })?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, database = store.backend(), "listening");
+
+    if let Some(secret) = &development_secret {
+        print_development_banner(secret, &config, &address.to_string())?;
+    }
+
+    let state = http::AppState {
+        store,
+        verifier: Arc::new(auth::Verifier::new(&config.auth)),
+    };
+    serve(
+        listener,
+        http::app(state, &config.cors_origins),
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves until `shutdown` resolves, then lets requests in flight finish for up to
+/// [`SHUTDOWN_GRACE`].
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = stopping_tx.send(());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    tokio::select! {
+        result = server => result,
+        () = async {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!("requests still running {SHUTDOWN_GRACE:?} after shutdown began; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM (how platforms stop a service) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Development mode: say loudly that a throwaway secret is in use and show a first call.
+/// Printed to the terminal, never to the log: it holds a token.
+fn print_development_banner(
+    secret: &SecretString,
+    config: &Config,
+    address: &str,
+) -> anyhow::Result<()> {
+    tracing::warn!(
+        "DEVELOPMENT MODE: no JWT_SECRET, BETTER_AUTH_SECRET or BETTER_AUTH_URL set; tokens are signed with a random secret made for this run"
+    );
+    let token = auth::mint(secret, &config.auth, DEV_USER, DEV_TOKEN_TTL)?;
+    let base = format!("http://{address}");
+    println!(
+        "
+==============================================================================
+ DEVELOPMENT MODE — no key is configured, so this run signs tokens with a
+ random secret that dies with the process. Set JWT_SECRET (or BETTER_AUTH_SECRET)
+ for tokens that outlive a restart; APP_ENV=production refuses to start without one.
+
+ A token for user \"{DEV_USER}\", valid 24 hours:
+
+   export TOKEN={token}
+
+ Try it:
+
+   curl -X POST {base}/api/{DEV_USER}/tasks -H \"Authorization: Bearer $TOKEN\" \\
+        -H 'Content-Type: application/json' -d '{{\"title\": \"My first task\"}}'
+   curl -H \"Authorization: Bearer $TOKEN\" {base}/api/{DEV_USER}/tasks
+==============================================================================
+"
+    );
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{PoolSettings, StoreError, TaskStore, missing};
+use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: i64,
+    user_id: String,
+    title: String,
+    description: Option<String>,
+    complete: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<TaskRow> for Task {
+    fn from(r: TaskRow) -> Self {
+        Task {
+            id: r.id,
+            user_id: r.user_id,
+            title: r.title,
+            description: r.description,
+            complete: r.complete,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PgTaskStore {
+    pool: PgPool,
+}
+
+impl PgTaskStore {
+    /// Connects (TLS as `sslmode` says) and runs the embedded migrations, adopting a
+    /// Stage 1 table if one is there.
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?.application_name("task-api");
+        Self::connect_with(options, settings).await
+    }
+
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        settings: &PoolSettings,
+    ) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn owner_of(&self, id: i64) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn explain_missing(&self, id: i64) -> StoreError {
+        match self.owner_of(id).await {
+            Ok(owner) => missing(owner),
+            Err(e) => StoreError::Database(e),
+        }
+    }
+}
+
+#[async_trait]
+impl TaskStore for PgTaskStore {
+    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
+        // `LIMIT NULL` is `LIMIT ALL`.
+        let rows: Vec<TaskRow> = sqlx::query_as(
+            "SELECT id, user_id, title, description, complete, created_at, updated_at
+             FROM tasks
+             WHERE user_id = $1 AND ($2::boolean IS NULL OR complete = $2)
+             ORDER BY id LIMIT $3 OFFSET $4",
+        )
+        .bind(user_id)
+        .bind(filter.complete)
+        .bind(filter.limit)
+        .bind(filter.offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Task::from).collect())
+    }
+
+    async fn create(
+        &self,
+        user_id: &str,
+        task: &NewTask,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let row: TaskRow = sqlx::query_as(
+            "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
+             VALUES ($1, $2, $3, false, $4, $4)
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(user_id)
+        .bind(task.title.as_str())
+        .bind(task.description.as_ref().map(|d| d.as_str()))
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
+        // One statement either way: the owner is compared here, and another user's row is
+        // dropped before it can reach a response.
+        let row: Option<TaskRow> = sqlx::query_as(
+            "SELECT id, user_id, title, description, complete, created_at, updated_at
+             FROM tasks WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) if row.user_id == user_id => Ok(row.into()),
+            Some(_) => Err(StoreError::NotOwner),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn replace(
+        &self,
+        user_id: &str,
+        id: i64,
+        task: &TaskReplace,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let row: Option<TaskRow> = sqlx::query_as(
+            "UPDATE tasks
+             SET title = $3, description = $4, complete = $5,
+                 updated_at = GREATEST($6, updated_at + interval '1 microsecond')
+             WHERE id = $1 AND user_id = $2
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(task.title.as_str())
+        .bind(task.description.as_ref().map(|d| d.as_str()))
+        .bind(task.complete)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into()),
+            None => Err(self.explain_missing(id).await),
+        }
+    }
+
+    async fn patch(
+        &self,
+        user_id: &str,
+        id: i64,
+        patch: &TaskPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        // `title` and `complete` cannot be NULL, so NULL means "unchanged"; `description`
+        // can, so a flag says whether to set it.
+        let row: Option<TaskRow> = sqlx::query_as(
+            "UPDATE tasks
+             SET title = COALESCE($3, title),
+                 description = CASE WHEN $4 THEN $5 ELSE description END,
+                 complete = COALESCE($6, complete),
+                 updated_at = GREATEST($7, updated_at + interval '1 microsecond')
+             WHERE id = $1 AND user_id = $2
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(patch.title.as_ref().map(|t| t.as_str()))
+        .bind(patch.description.is_some())
+        .bind(
+            patch
+                .description
+                .as_ref()
+                .and_then(|d| d.as_ref().map(|d| d.as_str())),
+        )
+        .bind(patch.complete)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into()),
+            None => Err(self.explain_missing(id).await),
+        }
+    }
+
+    async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM tasks WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(self.explain_missing(id).await);
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

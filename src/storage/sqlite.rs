@@ -1,0 +1,233 @@
+//! Embedded SQLite task store: the zero-configuration default.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{PoolSettings, StoreError, TaskStore, missing};
+use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+
+/// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
+/// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: i64,
+    user_id: String,
+    title: String,
+    description: Option<String>,
+    complete: bool,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl From<TaskRow> for Task {
+    fn from(r: TaskRow) -> Self {
+        Task {
+            id: r.id,
+            user_id: r.user_id,
+            title: r.title,
+            description: r.description,
+            complete: r.complete,
+            created_at: from_micros(r.created_at),
+            updated_at: from_micros(r.updated_at),
+        }
+    }
+}
+
+fn from_micros(micros: i64) -> DateTime<Utc> {
+    // Values outside chrono's range (±262,000 years) can only come from a hand-edited file.
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct SqliteTaskStore {
+    pool: SqlitePool,
+}
+
+impl SqliteTaskStore {
+    /// Opens (creating if missing) the database file, in WAL mode, and migrates it.
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            // WAL: readers never block the writer; NORMAL sync is durable in WAL mode
+            // except for the last transactions on power loss (not on a crash).
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            // SQLite has one writer at a time: wait for it instead of failing at once.
+            .busy_timeout(Duration::from_secs(5));
+        // An in-memory database lives and dies with its one connection.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let mut pool = SqlitePoolOptions::new().acquire_timeout(settings.acquire_timeout);
+        pool = if in_memory {
+            pool.max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            pool.max_connections(settings.max_connections)
+        };
+        let pool = pool.connect_with(options).await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn explain_missing(&self, id: i64) -> StoreError {
+        let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await;
+        match owner {
+            Ok(owner) => missing(owner),
+            Err(e) => StoreError::Database(e),
+        }
+    }
+}
+
+#[async_trait]
+impl TaskStore for SqliteTaskStore {
+    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
+        // `LIMIT -1` is no limit.
+        let rows: Vec<TaskRow> = sqlx::query_as(
+            "SELECT id, user_id, title, description, complete, created_at, updated_at
+             FROM tasks
+             WHERE user_id = ?1 AND (?2 IS NULL OR complete = ?2)
+             ORDER BY id LIMIT ?3 OFFSET ?4",
+        )
+        .bind(user_id)
+        .bind(filter.complete)
+        .bind(filter.limit.unwrap_or(-1))
+        .bind(filter.offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Task::from).collect())
+    }
+
+    async fn create(
+        &self,
+        user_id: &str,
+        task: &NewTask,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let row: TaskRow = sqlx::query_as(
+            "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 0, ?4, ?4)
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(user_id)
+        .bind(task.title.as_str())
+        .bind(task.description.as_ref().map(|d| d.as_str()))
+        .bind(now.timestamp_micros())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
+        let row: Option<TaskRow> = sqlx::query_as(
+            "SELECT id, user_id, title, description, complete, created_at, updated_at
+             FROM tasks WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) if row.user_id == user_id => Ok(row.into()),
+            Some(_) => Err(StoreError::NotOwner),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn replace(
+        &self,
+        user_id: &str,
+        id: i64,
+        task: &TaskReplace,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let row: Option<TaskRow> = sqlx::query_as(
+            "UPDATE tasks
+             SET title = ?3, description = ?4, complete = ?5,
+                 updated_at = max(?6, updated_at + 1)
+             WHERE id = ?1 AND user_id = ?2
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(task.title.as_str())
+        .bind(task.description.as_ref().map(|d| d.as_str()))
+        .bind(task.complete)
+        .bind(now.timestamp_micros())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into()),
+            None => Err(self.explain_missing(id).await),
+        }
+    }
+
+    async fn patch(
+        &self,
+        user_id: &str,
+        id: i64,
+        patch: &TaskPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let row: Option<TaskRow> = sqlx::query_as(
+            "UPDATE tasks
+             SET title = coalesce(?3, title),
+                 description = CASE WHEN ?4 THEN ?5 ELSE description END,
+                 complete = coalesce(?6, complete),
+                 updated_at = max(?7, updated_at + 1)
+             WHERE id = ?1 AND user_id = ?2
+             RETURNING id, user_id, title, description, complete, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(patch.title.as_ref().map(|t| t.as_str()))
+        .bind(patch.description.is_some())
+        .bind(
+            patch
+                .description
+                .as_ref()
+                .and_then(|d| d.as_ref().map(|d| d.as_str())),
+        )
+        .bind(patch.complete)
+        .bind(now.timestamp_micros())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into()),
+            None => Err(self.explain_missing(id).await),
+        }
+    }
+
+    async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(self.explain_missing(id).await);
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}

@@ -1,0 +1,585 @@
+//! The task resource and every input rule of the contract, in one place.
+//!
+//! Inputs are parsed at the edge into validated types (`Title`, `NewTask`, `TaskPatch`, …):
+//! once one exists it is valid, so handlers and storage never check again.
+//!
+//! Bodies are checked field by field over a decoded JSON object rather than through a
+//! `#[derive(Deserialize)]` struct, because the contract's 422 lists *every* problem
+//! (FastAPI's shape) and serde stops at the first one.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::error::FieldError;
+
+pub const TITLE_MAX_CHARS: usize = 200;
+pub const DESCRIPTION_MAX_CHARS: usize = 1000;
+pub const LIST_LIMIT_MAX: i64 = 1000;
+
+/// A stored task, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub id: i64,
+    pub user_id: String,
+    pub title: String,
+    pub description: Option<String>,
+    pub complete: bool,
+    #[serde(serialize_with = "rfc3339_utc")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339_utc")]
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Microseconds are kept so that two updates in the same millisecond stay ordered.
+fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// `GET /tasks` response.
+#[derive(Debug, Serialize)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
+    pub count: usize,
+}
+
+impl From<Vec<Task>> for TaskList {
+    fn from(tasks: Vec<Task>) -> Self {
+        Self {
+            count: tasks.len(),
+            tasks,
+        }
+    }
+}
+
+/// A title: 1–200 characters, not only whitespace, no NUL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Title(String);
+
+impl Title {
+    pub fn parse(value: String) -> Result<Self, FieldError> {
+        const LOC: &[&str] = &["body", "title"];
+        let chars = value.chars().count();
+        if chars == 0 {
+            return Err(FieldError::new(
+                LOC,
+                "string_too_short",
+                "String should have at least 1 character",
+            ));
+        }
+        if chars > TITLE_MAX_CHARS {
+            return Err(FieldError::new(
+                LOC,
+                "string_too_long",
+                "String should have at most 200 characters",
+            ));
+        }
+        // `char::is_whitespace` is Unicode White_Space: U+3000 and U+00A0 included.
+        if value.chars().all(char::is_whitespace) {
+            return Err(FieldError::new(
+                LOC,
+                "value_error",
+                "Value error, title must not be blank",
+            ));
+        }
+        reject_nul(LOC, &value)?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A description: at most 1000 characters, no NUL; stored exactly as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description(String);
+
+impl Description {
+    pub fn parse(value: String) -> Result<Self, FieldError> {
+        const LOC: &[&str] = &["body", "description"];
+        if value.chars().count() > DESCRIPTION_MAX_CHARS {
+            return Err(FieldError::new(
+                LOC,
+                "string_too_long",
+                "String should have at most 1000 characters",
+            ));
+        }
+        reject_nul(LOC, &value)?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// PostgreSQL cannot store U+0000 in text; reject it everywhere so that behaviour does not
+/// depend on the backend.
+fn reject_nul(loc: &'static [&'static str], value: &str) -> Result<(), FieldError> {
+    if value.contains('\0') {
+        return Err(FieldError::new(
+            loc,
+            "value_error",
+            "Value error, must not contain the NUL character",
+        ));
+    }
+    Ok(())
+}
+
+/// `POST` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask {
+    pub title: Title,
+    pub description: Option<Description>,
+}
+
+/// `PUT` body: a full replacement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskReplace {
+    pub title: Title,
+    pub description: Option<Description>,
+    pub complete: bool,
+}
+
+/// `PATCH` body: `None` leaves a field unchanged; `description: Some(None)` clears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPatch {
+    pub title: Option<Title>,
+    pub description: Option<Option<Description>>,
+    pub complete: Option<bool>,
+}
+
+/// Why a body was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    /// 422: fields of the wrong shape.
+    Invalid(Vec<FieldError>),
+    /// 400: a PATCH naming none of its fields.
+    EmptyPatch,
+}
+
+impl NewTask {
+    pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
+        let mut errors = Vec::new();
+        let title = required(&mut errors, title(body.remove("title")));
+        let description = optional_description(&mut errors, body.remove("description"));
+        finish(errors)?;
+        Ok(Self {
+            title: title.ok_or(BodyError::Invalid(Vec::new()))?,
+            description: description.flatten(),
+        })
+    }
+}
+
+impl TaskReplace {
+    pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
+        let mut errors = Vec::new();
+        let title = required(&mut errors, title(body.remove("title")));
+        let description = optional_description(&mut errors, body.remove("description"));
+        let complete = required(&mut errors, complete(body.remove("complete")));
+        finish(errors)?;
+        match (title, complete) {
+            (Some(title), Some(complete)) => Ok(Self {
+                title,
+                description: description.flatten(),
+                complete,
+            }),
+            _ => Err(BodyError::Invalid(Vec::new())),
+        }
+    }
+}
+
+impl TaskPatch {
+    pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
+        let (title_v, description_v, complete_v) = (
+            body.remove("title"),
+            body.remove("description"),
+            body.remove("complete"),
+        );
+        if title_v.is_none() && description_v.is_none() && complete_v.is_none() {
+            return Err(BodyError::EmptyPatch);
+        }
+        let mut errors = Vec::new();
+        let title = title_v.map(|v| title(Some(v)));
+        let title = match title {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                errors.push(e);
+                None
+            }
+            None => None,
+        };
+        let description = optional_description(&mut errors, description_v);
+        let complete = match complete_v.map(|v| complete(Some(v))) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                errors.push(e);
+                None
+            }
+            None => None,
+        };
+        finish(errors)?;
+        Ok(Self {
+            title,
+            description,
+            complete,
+        })
+    }
+}
+
+fn finish(errors: Vec<FieldError>) -> Result<(), BodyError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(BodyError::Invalid(errors))
+    }
+}
+
+/// Collects the error of a field, returning its value when valid.
+fn required<T>(errors: &mut Vec<FieldError>, field: Result<Option<T>, FieldError>) -> Option<T> {
+    match field {
+        Ok(value) => value,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+/// `title`: required, a string, never null.
+fn title(value: Option<Value>) -> Result<Option<Title>, FieldError> {
+    const LOC: &[&str] = &["body", "title"];
+    match value {
+        None => Err(FieldError::missing(LOC)),
+        Some(Value::String(s)) => Title::parse(s).map(Some),
+        Some(_) => Err(string_type(LOC)),
+    }
+}
+
+/// `complete`: required where used, JSON `true`/`false` only.
+fn complete(value: Option<Value>) -> Result<Option<bool>, FieldError> {
+    const LOC: &[&str] = &["body", "complete"];
+    match value {
+        None => Err(FieldError::missing(LOC)),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(_) => Err(FieldError::new(
+            LOC,
+            "bool_type",
+            "Input should be a valid boolean",
+        )),
+    }
+}
+
+/// `description`: absent → `None`; null → `Some(None)`; a string → `Some(Some(..))`.
+fn optional_description(
+    errors: &mut Vec<FieldError>,
+    value: Option<Value>,
+) -> Option<Option<Description>> {
+    const LOC: &[&str] = &["body", "description"];
+    let parsed = match value? {
+        Value::Null => Ok(None),
+        Value::String(s) => Description::parse(s).map(Some),
+        _ => Err(string_type(LOC)),
+    };
+    match parsed {
+        Ok(d) => Some(d),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+fn string_type(loc: &'static [&'static str]) -> FieldError {
+    FieldError::new(loc, "string_type", "Input should be a valid string")
+}
+
+/// `task_id` in a path: an integer from 1 to 2^63−1, digits only.
+pub fn parse_task_id(raw: &str) -> Result<i64, FieldError> {
+    const LOC: &[&str] = &["path", "task_id"];
+    parse_integer(LOC, raw, 1)
+}
+
+fn parse_integer(loc: &'static [&'static str], raw: &str, min: i64) -> Result<i64, FieldError> {
+    let (negative, digits) = match raw.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, raw),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(FieldError::new(
+            loc,
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer",
+        ));
+    }
+    if negative {
+        return Err(greater_than_equal(loc, min));
+    }
+    match digits.parse::<i64>() {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) => Err(greater_than_equal(loc, min)),
+        Err(_) => Err(FieldError::new(
+            loc,
+            "less_than_equal",
+            "Input should be less than or equal to 9223372036854775807",
+        )),
+    }
+}
+
+fn greater_than_equal(loc: &'static [&'static str], min: i64) -> FieldError {
+    FieldError::new(
+        loc,
+        "greater_than_equal",
+        format!("Input should be greater than or equal to {min}"),
+    )
+}
+
+/// `GET /tasks` query: `complete=true|false`, `limit` 1–1000, `offset` ≥ 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub complete: Option<bool>,
+    /// `None`: every task of the user.
+    pub limit: Option<i64>,
+    pub offset: i64,
+}
+
+impl ListFilter {
+    /// Parses a raw query string. Unknown parameters are ignored; when one is repeated the
+    /// last value counts.
+    pub fn parse(query: Option<&str>) -> Result<Self, Vec<FieldError>> {
+        let (mut complete, mut limit, mut offset) = (None, None, None);
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "complete" => complete = Some(value),
+                "limit" => limit = Some(value),
+                "offset" => offset = Some(value),
+                _ => {}
+            }
+        }
+        let mut errors = Vec::new();
+        let mut filter = Self::default();
+        if let Some(value) = complete {
+            match &*value {
+                "true" => filter.complete = Some(true),
+                "false" => filter.complete = Some(false),
+                _ => errors.push(FieldError::new(
+                    &["query", "complete"],
+                    "bool_parsing",
+                    "Input should be true or false",
+                )),
+            }
+        }
+        if let Some(value) = limit {
+            match parse_integer(&["query", "limit"], &value, 1) {
+                Ok(n) if n > LIST_LIMIT_MAX => errors.push(FieldError::new(
+                    &["query", "limit"],
+                    "less_than_equal",
+                    "Input should be less than or equal to 1000",
+                )),
+                Ok(n) => filter.limit = Some(n),
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(value) = offset {
+            match parse_integer(&["query", "offset"], &value, 0) {
+                Ok(n) => filter.offset = n,
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(filter)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    fn kinds(e: BodyError) -> Vec<(&'static [&'static str], &'static str)> {
+        match e {
+            BodyError::Invalid(errors) => errors.into_iter().map(|e| (e.loc, e.kind)).collect(),
+            BodyError::EmptyPatch => panic!("unexpected empty patch"),
+        }
+    }
+
+    #[test]
+    fn title_counts_characters_not_bytes() {
+        assert!(Title::parse("é".repeat(200)).is_ok());
+        assert_eq!(
+            Title::parse("é".repeat(201)).unwrap_err().kind,
+            "string_too_long"
+        );
+        assert_eq!(
+            Title::parse(String::new()).unwrap_err().kind,
+            "string_too_short"
+        );
+    }
+
+    #[test]
+    fn blank_titles_are_rejected_including_unicode_whitespace() {
+        for blank in [" ", "\t\n", "\u{3000}", "\u{a0}", " \u{2003} "] {
+            assert_eq!(
+                Title::parse(blank.to_owned()).unwrap_err().kind,
+                "value_error",
+                "{blank:?}"
+            );
+        }
+        assert_eq!(Title::parse(" a ".into()).unwrap().as_str(), " a ");
+    }
+
+    #[test]
+    fn nul_is_rejected_in_title_and_description() {
+        assert_eq!(Title::parse("a\0b".into()).unwrap_err().kind, "value_error");
+        assert_eq!(
+            Description::parse("\0".into()).unwrap_err().loc,
+            &["body", "description"]
+        );
+    }
+
+    #[test]
+    fn description_is_kept_exactly_and_limited_to_1000_chars() {
+        assert_eq!(Description::parse("".into()).unwrap().as_str(), "");
+        assert_eq!(Description::parse("  ".into()).unwrap().as_str(), "  ");
+        assert!(Description::parse("ü".repeat(1000)).is_ok());
+        assert!(Description::parse("ü".repeat(1001)).is_err());
+    }
+
+    #[test]
+    fn new_task_reports_every_problem() {
+        let err = NewTask::from_json(object(json!({"description": 5}))).unwrap_err();
+        assert_eq!(
+            kinds(err),
+            vec![
+                (&["body", "title"][..], "missing"),
+                (&["body", "description"][..], "string_type")
+            ]
+        );
+        let err = NewTask::from_json(object(json!({"title": null}))).unwrap_err();
+        assert_eq!(kinds(err), vec![(&["body", "title"][..], "string_type")]);
+    }
+
+    #[test]
+    fn new_task_ignores_unknown_and_server_fields() {
+        let task = NewTask::from_json(object(
+            json!({"title": "t", "id": 9, "user_id": "eve", "complete": true}),
+        ))
+        .unwrap();
+        assert_eq!(task.title.as_str(), "t");
+        assert_eq!(task.description, None);
+    }
+
+    #[test]
+    fn replace_needs_complete_as_a_real_boolean() {
+        for bad in [json!("true"), json!(1), json!(null)] {
+            let err =
+                TaskReplace::from_json(object(json!({"title": "t", "complete": bad}))).unwrap_err();
+            assert_eq!(kinds(err), vec![(&["body", "complete"][..], "bool_type")]);
+        }
+        let err = TaskReplace::from_json(object(json!({"title": "t"}))).unwrap_err();
+        assert_eq!(kinds(err), vec![(&["body", "complete"][..], "missing")]);
+        let ok = TaskReplace::from_json(object(json!({"title": "t", "complete": true}))).unwrap();
+        assert!(ok.complete);
+        assert_eq!(ok.description, None);
+    }
+
+    #[test]
+    fn patch_distinguishes_absent_null_and_value() {
+        let p = TaskPatch::from_json(object(json!({"description": null}))).unwrap();
+        assert_eq!(p.description, Some(None));
+        assert_eq!(p.title, None);
+        let p = TaskPatch::from_json(object(json!({"complete": false}))).unwrap();
+        assert_eq!((p.complete, p.description), (Some(false), None));
+        assert_eq!(
+            TaskPatch::from_json(object(json!({"other": 1}))).unwrap_err(),
+            BodyError::EmptyPatch
+        );
+        let err =
+            TaskPatch::from_json(object(json!({"title": null, "complete": "no"}))).unwrap_err();
+        assert_eq!(
+            kinds(err),
+            vec![
+                (&["body", "title"][..], "string_type"),
+                (&["body", "complete"][..], "bool_type")
+            ]
+        );
+    }
+
+    #[test]
+    fn task_ids_are_positive_64_bit_integers() {
+        assert_eq!(parse_task_id("1"), Ok(1));
+        assert_eq!(parse_task_id("9223372036854775807"), Ok(i64::MAX));
+        for (raw, kind) in [
+            ("0", "greater_than_equal"),
+            ("-1", "greater_than_equal"),
+            ("abc", "int_parsing"),
+            ("1.5", "int_parsing"),
+            ("", "int_parsing"),
+            ("+1", "int_parsing"),
+            ("9223372036854775808", "less_than_equal"),
+        ] {
+            assert_eq!(parse_task_id(raw).unwrap_err().kind, kind, "{raw}");
+        }
+    }
+
+    #[test]
+    fn list_filter_parses_and_reports_each_bad_parameter() {
+        assert_eq!(ListFilter::parse(None), Ok(ListFilter::default()));
+        assert_eq!(
+            ListFilter::parse(Some("complete=true&limit=5&offset=2&x=y")),
+            Ok(ListFilter {
+                complete: Some(true),
+                limit: Some(5),
+                offset: 2
+            })
+        );
+        let errors = ListFilter::parse(Some("complete=1&limit=0&offset=-1")).unwrap_err();
+        let locs: Vec<_> = errors.iter().map(|e| e.loc).collect();
+        assert_eq!(
+            locs,
+            vec![
+                &["query", "complete"][..],
+                &["query", "limit"],
+                &["query", "offset"]
+            ]
+        );
+        assert_eq!(
+            ListFilter::parse(Some("limit=1001")).unwrap_err()[0].kind,
+            "less_than_equal"
+        );
+        assert_eq!(
+            ListFilter::parse(Some("limit=1000")).unwrap().limit,
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn tasks_serialize_with_utc_z_timestamps() {
+        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let task = Task {
+            id: 1,
+            user_id: "u".into(),
+            title: "t".into(),
+            description: None,
+            complete: false,
+            created_at: at,
+            updated_at: at,
+        };
+        let v = serde_json::to_value(&task).unwrap();
+        assert_eq!(v["created_at"], "2026-01-02T03:04:05.123456Z");
+        assert_eq!(v["description"], Value::Null);
+    }
+}
