@@ -137,7 +137,8 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
         .map_err(|_| ApiError::AuthInvalid("Token is malformed"))?
         .trim();
     if token.is_empty() {
-        return Err(ApiError::AuthInvalid("Token is malformed"));
+        // The scheme without credentials: no token was sent.
+        return Err(ApiError::AuthMissing);
     }
     Ok(token)
 }

@@ -1,0 +1,9 @@
+//! Every rule of the contract, over HTTP, on SQLite and on PostgreSQL.
+
+mod support;
+
+mod auth;
+mod operations;
+mod postgres;
+mod tasks;
+mod validation;

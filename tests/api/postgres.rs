@@ -1,0 +1,166 @@
+//! PostgreSQL only: adopting the Stage 1 table, migrations that cannot half-apply, TLS.
+
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+use sqlx::postgres::{PgPoolOptions, PgSslMode};
+use sqlx::{Executor, PgPool};
+use task_api::config::CorsOrigins;
+use task_api::storage::PgTaskStore;
+
+use crate::support::{PgSchema, TestApp, pool_settings, postgres_url, utc};
+
+/// The table exactly as the Python service created it.
+const STAGE1_DDL: &str = "
+    CREATE TABLE tasks (
+        id SERIAL PRIMARY KEY,
+        user_id VARCHAR NOT NULL,
+        title VARCHAR(200) NOT NULL,
+        description VARCHAR(1000),
+        complete BOOLEAN NOT NULL,
+        created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+        updated_at TIMESTAMP WITHOUT TIME ZONE NOT NULL
+    );
+    CREATE INDEX ix_tasks_user_id ON tasks (user_id);
+    INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at) VALUES
+        ('alice', 'old one', NULL, false, '2025-03-01 12:00:00', '2025-03-01 12:00:00'),
+        ('alice', 'old two', 'desc', true, '2025-03-02 08:30:15.250', '2025-03-04 09:00:00'),
+        ('bob', 'bob''s', NULL, false, '2025-03-03 00:00:00', '2025-03-03 00:00:00');
+";
+
+async fn stage1_schema(url: &str) -> (PgSchema, PgPool) {
+    let schema = PgSchema::create(url).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(schema.options())
+        .await
+        .unwrap();
+    pool.execute(STAGE1_DDL).await.unwrap();
+    (schema, pool)
+}
+
+async fn column_type(pool: &PgPool, column: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT data_type::text FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'tasks' AND column_name = $1",
+    )
+    .bind(column)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn stage1_table_is_adopted_with_every_row() {
+    let Some(url) = postgres_url() else { return };
+    let (schema, pool) = stage1_schema(&url).await;
+    let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
+        .await
+        .unwrap();
+    let app = TestApp::from_store(store, schema).await;
+
+    assert_eq!(column_type(&pool, "id").await, "bigint");
+    assert_eq!(column_type(&pool, "created_at").await, "timestamp with time zone");
+
+    let reply = app.call(Method::GET, "/api/alice/tasks", "alice", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json["count"], 2);
+    let tasks = reply.json["tasks"].as_array().unwrap();
+    assert_eq!(tasks[0]["title"], "old one");
+    // Naive timestamps were UTC.
+    assert_eq!(tasks[0]["created_at"], "2025-03-01T12:00:00.000000Z");
+    assert_eq!(tasks[1]["created_at"], "2025-03-02T08:30:15.250000Z");
+    assert_eq!(tasks[1]["updated_at"], "2025-03-04T09:00:00.000000Z");
+    assert_eq!(tasks[1]["description"], "desc");
+    assert_eq!(tasks[1]["complete"], true);
+    assert_eq!(app.count("bob").await, 1);
+
+    // New rows continue the old sequence, and it now goes past 32 bits.
+    let next = app.create("alice", "new").await;
+    assert_eq!(next["id"], 4);
+    pool.execute("SELECT setval(pg_get_serial_sequence('tasks', 'id'), 3000000000)")
+        .await
+        .unwrap();
+    let big = app.create("alice", "past 32 bits").await;
+    assert_eq!(big["id"], 3_000_000_001_i64);
+    let fetched = app
+        .call(Method::GET, "/api/alice/tasks/3000000001", "alice", None)
+        .await;
+    assert_eq!(fetched.json["title"], "past 32 bits");
+    // Old rows are updated like new ones.
+    let patched = app
+        .call(Method::PATCH, "/api/alice/tasks/1", "alice", Some(json!({"complete": true})))
+        .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert!(utc(&patched.json["updated_at"]) > utc(&tasks[0]["updated_at"]));
+
+    // Starting again changes nothing.
+    let schema_options = app.pg_schema_options();
+    PgTaskStore::connect_with(schema_options, &pool_settings()).await.unwrap();
+    assert_eq!(app.count("alice").await, 4);
+}
+
+#[tokio::test]
+async fn an_interrupted_adoption_leaves_the_table_as_it_was() {
+    let Some(url) = postgres_url() else { return };
+    let (schema, pool) = stage1_schema(&url).await;
+    // The adoption migration, cut short by a failure before it commits.
+    let mut tx = pool.begin().await.unwrap();
+    tx.execute(include_str!("../../migrations/postgres/0002_bigint_ids_utc_timestamps.sql"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlx::query_scalar::<_, String>(
+            "SELECT data_type::text FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'tasks' AND column_name = 'id'"
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap(),
+        "bigint"
+    );
+    assert!(tx.execute("SELECT 1 / 0").await.is_err());
+    drop(tx);
+
+    assert_eq!(column_type(&pool, "id").await, "integer");
+    assert_eq!(column_type(&pool, "created_at").await, "timestamp without time zone");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 3);
+
+    // The next start-up completes the adoption.
+    PgTaskStore::connect_with(schema.options(), &pool_settings()).await.unwrap();
+    assert_eq!(column_type(&pool, "id").await, "bigint");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 3);
+}
+
+#[tokio::test]
+async fn works_over_tls_with_sslmode_require() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let tls_url = format!(
+        "{url}{separator}sslmode=require&options=-c%20search_path%3D{}",
+        schema.name
+    );
+    // Through the same URL parsing the service uses.
+    let store = PgTaskStore::connect(&tls_url, &pool_settings()).await.unwrap();
+    let on_tls: bool = sqlx::query_scalar(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(on_tls);
+
+    // And the whole API over an encrypted connection.
+    let app = TestApp::postgres_with(crate::support::auth_config(), CorsOrigins::None, |o| {
+        o.ssl_mode(PgSslMode::Require)
+    })
+    .await
+    .unwrap();
+    let task = app.create("alice", "over tls").await;
+    let reply = app
+        .call(Method::GET, &format!("/api/alice/tasks/{}", task["id"]), "alice", None)
+        .await;
+    assert_eq!(reply.json, task);
+}

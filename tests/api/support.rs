@@ -1,0 +1,392 @@
+//! Test harness: the real router over a real SQLite file or a real PostgreSQL schema,
+//! driven in-process through the full middleware stack, with real signed tokens.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use task_api::auth::{self, Verifier};
+use task_api::config::{AuthConfig, CorsOrigins};
+use task_api::http::{AppState, app};
+use task_api::storage::{PgTaskStore, PoolSettings, SqliteTaskStore, TaskStore};
+use tower::ServiceExt;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// Which database a test runs on, holding what must live as long as the test.
+pub enum Db {
+    Sqlite {
+        store: SqliteTaskStore,
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        store: PgTaskStore,
+        _schema: PgSchema,
+    },
+}
+
+pub struct TestApp {
+    pub router: Router,
+    pub auth: AuthConfig,
+    pub db: Db,
+}
+
+pub fn auth_config() -> AuthConfig {
+    AuthConfig {
+        secret: Some(SecretString::from(SECRET)),
+        better_auth_url: None,
+        jwks_url: None,
+        issuer: None,
+        audience: Vec::new(),
+    }
+}
+
+/// The PostgreSQL server tests use: `TEST_DATABASE_URL`. Unset, PostgreSQL tests skip
+/// and say so, except under CI, where they must run.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") => {
+            panic!("TEST_DATABASE_URL must be set under CI: PostgreSQL tests may not skip")
+        }
+        _ => {
+            eprintln!("SKIPPED: PostgreSQL test (set TEST_DATABASE_URL to run it)");
+            None
+        }
+    }
+}
+
+/// A schema of its own for one test, dropped afterwards.
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl PgSchema {
+    pub async fn create(url: &str) -> Self {
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(url).await.expect("connect to TEST_DATABASE_URL");
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self {
+            url: url.to_owned(),
+            name,
+        }
+    }
+
+    /// Connection options whose unqualified names resolve in this schema.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(&self.url)
+            .unwrap()
+            .options([("search_path", self.name.as_str())])
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop cannot await; a short-lived runtime on its own thread does the clean-up.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&url).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn pool_settings() -> PoolSettings {
+    PoolSettings {
+        max_connections: 5,
+        acquire_timeout: Duration::from_secs(2),
+    }
+}
+
+impl TestApp {
+    pub async fn sqlite() -> Self {
+        Self::sqlite_with(auth_config(), CorsOrigins::None).await
+    }
+
+    pub async fn sqlite_with(auth: AuthConfig, cors: CorsOrigins) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
+        let store = SqliteTaskStore::connect(&url, &pool_settings()).await.unwrap();
+        let router = build(Arc::new(store.clone()), &auth, &cors);
+        Self {
+            router,
+            auth,
+            db: Db::Sqlite { store, _dir: dir },
+        }
+    }
+
+    pub async fn postgres() -> Option<Self> {
+        Self::postgres_with(auth_config(), CorsOrigins::None, |o| o).await
+    }
+
+    pub async fn postgres_with(
+        auth: AuthConfig,
+        cors: CorsOrigins,
+        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    ) -> Option<Self> {
+        let url = postgres_url()?;
+        let schema = PgSchema::create(&url).await;
+        let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
+            .await
+            .unwrap();
+        let router = build(Arc::new(store.clone()), &auth, &cors);
+        Some(Self {
+            router,
+            auth,
+            db: Db::Postgres {
+                store,
+                _schema: schema,
+            },
+        })
+    }
+
+    /// An app over a store already opened in `schema`.
+    pub async fn from_store(store: PgTaskStore, schema: PgSchema) -> Self {
+        let auth = auth_config();
+        let router = build(Arc::new(store.clone()), &auth, &CorsOrigins::None);
+        Self {
+            router,
+            auth,
+            db: Db::Postgres {
+                store,
+                _schema: schema,
+            },
+        }
+    }
+
+    pub fn pg_schema_options(&self) -> PgConnectOptions {
+        match &self.db {
+            Db::Postgres { _schema, .. } => _schema.options(),
+            Db::Sqlite { .. } => panic!("not a PostgreSQL app"),
+        }
+    }
+
+    /// A fresh app on the same kind of database, with other settings.
+    pub async fn sibling(&self, auth: AuthConfig, cors: CorsOrigins) -> Self {
+        match &self.db {
+            Db::Sqlite { .. } => Self::sqlite_with(auth, cors).await,
+            Db::Postgres { .. } => Self::postgres_with(auth, cors, |o| o)
+                .await
+                .expect("PostgreSQL is configured"),
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn TaskStore> {
+        match &self.db {
+            Db::Sqlite { store, .. } => Arc::new(store.clone()),
+            Db::Postgres { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
+    /// Makes the database unreachable for the rest of the test.
+    pub async fn close_database(&self) {
+        match &self.db {
+            Db::Sqlite { store, .. } => store.pool().close().await,
+            Db::Postgres { store, .. } => store.pool().close().await,
+        }
+    }
+
+    /// A valid token for `user`, signed with the test secret.
+    pub fn token(&self, user: &str) -> String {
+        auth::mint(
+            self.auth.secret.as_ref().unwrap(),
+            &self.auth,
+            user,
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!("body is not JSON: {:?}", String::from_utf8_lossy(&bytes))
+            })
+        };
+        Reply {
+            status,
+            headers,
+            json,
+            raw: bytes.to_vec(),
+        }
+    }
+
+    /// A request as `user` (a valid token for them), with an optional JSON body.
+    pub async fn call(&self, method: Method, uri: &str, user: &str, body: Option<Value>) -> Reply {
+        let token = self.token(user);
+        self.call_with_token(method, uri, Some(&token), body).await
+    }
+
+    pub async fn call_with_token(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        };
+        self.send(request.unwrap()).await
+    }
+
+    /// Creates a task for `user` and returns it.
+    pub async fn create(&self, user: &str, title: &str) -> Value {
+        let reply = self
+            .call(
+                Method::POST,
+                &format!("/api/{user}/tasks"),
+                user,
+                Some(serde_json::json!({ "title": title })),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+        reply.json
+    }
+
+    /// The number of tasks `user` has.
+    pub async fn count(&self, user: &str) -> u64 {
+        let reply = self
+            .call(Method::GET, &format!("/api/{user}/tasks"), user, None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        reply.json["count"].as_u64().unwrap()
+    }
+}
+
+fn build(store: Arc<dyn TaskStore>, auth: &AuthConfig, cors: &CorsOrigins) -> Router {
+    app(
+        AppState {
+            store,
+            verifier: Arc::new(Verifier::new(auth)),
+        },
+        cors,
+    )
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: Value,
+    pub raw: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts a contract-shaped error with this status and code.
+    #[track_caller]
+    pub fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "body: {}", self.json);
+        assert_eq!(self.json["error_code"], code, "body: {}", self.json);
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let request_id = self.json["request_id"].as_str().expect("request_id");
+        assert_eq!(self.header("x-request-id"), Some(request_id));
+        let timestamp = self.json["timestamp"].as_str().expect("timestamp");
+        assert!(timestamp.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(timestamp).is_ok());
+        assert!(!self.json["detail"].is_null());
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(self.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+
+    /// Asserts a 422 whose detail lists exactly these `(loc, type)` problems.
+    #[track_caller]
+    pub fn assert_invalid(&self, expected: &[(&[&str], &str)]) {
+        self.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR");
+        let got: Vec<(Vec<String>, String)> = self.json["detail"]
+            .as_array()
+            .expect("422 detail is a list")
+            .iter()
+            .map(|e| {
+                assert!(e["msg"].is_string(), "{e}");
+                (
+                    e["loc"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|l| l.as_str().unwrap().to_owned())
+                        .collect(),
+                    e["type"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(Vec<String>, String)> = expected
+            .iter()
+            .map(|(loc, kind)| (loc.iter().map(|s| s.to_string()).collect(), kind.to_string()))
+            .collect();
+        assert_eq!(got, expected);
+    }
+}
+
+/// Asserts an RFC 3339 UTC timestamp with a `Z` suffix and returns it.
+#[track_caller]
+pub fn utc(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    let s = value.as_str().expect("timestamp string");
+    assert!(s.ends_with('Z'), "{s}");
+    chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+}
+
+/// Declares each scenario `async fn name(app: TestApp)` as two tests: `sqlite::name` and
+/// `postgres::name`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::support::TestApp::sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(app) = $crate::support::TestApp::postgres().await {
+                        super::$name(app).await
+                    }
+                }
+            )*
+        }
+    };
+}
