@@ -1,0 +1,141 @@
+//! The binary itself: start-up with nothing configured, the `token` command, and
+//! configuration errors that stop start-up with one line naming the setting.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_task-api");
+
+/// The binary in an empty directory with none of the service's settings in its environment.
+fn task_api(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn token_command_mints_a_token_the_service_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(task_api(dir.path())
+        .env("JWT_SECRET", "cli-test-secret")
+        .args(["token", "--user", "alice", "--ttl", "2h"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let config = task_api::config::Config::from_lookup(|k| {
+        (k == "JWT_SECRET").then(|| "cli-test-secret".to_owned())
+    })
+    .unwrap();
+    let verifier = task_api::auth::Verifier::new(&config.auth);
+    assert_eq!(verifier.verify(&token).unwrap(), "alice");
+
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 7200);
+}
+
+#[test]
+fn token_command_needs_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(task_api(dir.path()).args(["token", "--user", "alice"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JWT_SECRET"));
+}
+
+#[test]
+fn bad_settings_stop_start_up_with_one_line_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value, expected_code) in [
+        ("PORT", "eighty", 2),
+        ("LOG_FORMAT", "xml", 2),
+        ("APP_ENV", "production", 2),
+        ("CORS_ORIGINS", "nope", 2),
+        // Reachable only at start-up: nothing listens on port 1.
+        ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/db", 1),
+    ] {
+        let out = run(task_api(dir.path()).env(name, value));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(expected_code), "{name}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        let setting = if name == "APP_ENV" { "JWT_SECRET" } else { name };
+        assert!(lines[0].contains(setting), "{name}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password in output: {stderr}");
+    }
+}
+
+/// Runs the binary with no configuration at all, as a newcomer would, follows the printed
+/// instructions, then stops it with SIGTERM.
+#[tokio::test]
+async fn runs_with_nothing_configured_and_prints_a_working_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::from({
+        let mut c = task_api(dir.path());
+        // Port 0: any free port; the banner prints the real one.
+        c.env("PORT", "0").env("RUST_LOG", "warn");
+        c
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut token, mut url) = (None, None);
+    while token.is_none() || url.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("banner in time")
+            .unwrap()
+            .expect("banner before end of output");
+        if let Some(t) = line.trim().strip_prefix("export TOKEN=") {
+            token = Some(t.to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("curl -H \"Authorization: Bearer $TOKEN\" ") {
+            url = Some(rest.to_owned());
+        }
+    }
+    let (token, url) = (token.unwrap(), url.unwrap());
+    let rest = url.strip_prefix("http://").unwrap();
+    let (address, path) = rest.split_at(rest.find('/').unwrap());
+    assert_eq!(path, "/api/dev-user/tasks");
+
+    let response = http_get(address, path, &token).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""count":0"#), "{response}");
+    assert!(dir.path().join("tasks.db").exists(), "SQLite file in the working directory");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+async fn http_get(address: &str, path: &str, token: &str) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
