@@ -29,7 +29,11 @@ fn token_command_mints_a_token_the_service_accepts() {
     let out = run(task_api(dir.path())
         .env("JWT_SECRET", "cli-test-secret")
         .args(["token", "--user", "alice", "--ttl", "2h"]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
     let config = task_api::config::Config::from_lookup(|k| {
@@ -42,10 +46,15 @@ fn token_command_mints_a_token_the_service_accepts() {
     use base64::Engine;
     let payload = token.split('.').nth(1).unwrap();
     let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
     )
     .unwrap();
-    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 7200);
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        7200
+    );
 }
 
 #[test]
@@ -72,7 +81,11 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
         assert_eq!(out.status.code(), Some(expected_code), "{name}: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
         assert_eq!(lines.len(), 1, "{name}: {stderr}");
-        let setting = if name == "APP_ENV" { "JWT_SECRET" } else { name };
+        let setting = if name == "APP_ENV" {
+            "JWT_SECRET"
+        } else {
+            name
+        };
         assert!(lines[0].contains(setting), "{name}: {stderr}");
         assert!(!stderr.contains("hunter2"), "password in output: {stderr}");
     }
@@ -106,7 +119,10 @@ async fn runs_with_nothing_configured_and_prints_a_working_token() {
         if let Some(t) = line.trim().strip_prefix("export TOKEN=") {
             token = Some(t.to_owned());
         }
-        if let Some(rest) = line.trim().strip_prefix("curl -H \"Authorization: Bearer $TOKEN\" ") {
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix("curl -H \"Authorization: Bearer $TOKEN\" ")
+        {
             url = Some(rest.to_owned());
         }
     }
@@ -118,10 +134,19 @@ async fn runs_with_nothing_configured_and_prints_a_working_token() {
     let response = http_get(address, path, &token).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains(r#""count":0"#), "{response}");
-    assert!(dir.path().join("tasks.db").exists(), "SQLite file in the working directory");
+    assert!(
+        dir.path().join("tasks.db").exists(),
+        "SQLite file in the working directory"
+    );
 
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("exits after SIGTERM")

@@ -12,20 +12,36 @@ use task_api::config::CorsOrigins;
 use crate::support::{TestApp, auth_config};
 
 async fn unknown_routes_and_methods_are_json_errors(app: TestApp) {
-    for path in ["/", "/nope", "/api", "/api/alice", "/api/alice/tasks/1/extra", "/api/alice/task"] {
+    for path in [
+        "/",
+        "/nope",
+        "/api",
+        "/api/alice",
+        "/api/alice/tasks/1/extra",
+        "/api/alice/task",
+    ] {
         let reply = app.call(Method::GET, path, "alice", None).await;
         reply.assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
     }
     for (method, path, allow) in [
         (Method::DELETE, "/api/alice/tasks", "GET,HEAD,POST"),
         (Method::PUT, "/api/alice/tasks", "GET,HEAD,POST"),
-        (Method::POST, "/api/alice/tasks/1", "GET,HEAD,PUT,PATCH,DELETE"),
+        (
+            Method::POST,
+            "/api/alice/tasks/1",
+            "GET,HEAD,PUT,PATCH,DELETE",
+        ),
         (Method::POST, "/health", "GET,HEAD"),
     ] {
         // Even without a token: the method is wrong whoever asks.
         let reply = app.call_with_token(method.clone(), path, None, None).await;
         reply.assert_error(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
-        let mut got: Vec<&str> = reply.header("allow").unwrap().split(',').map(str::trim).collect();
+        let mut got: Vec<&str> = reply
+            .header("allow")
+            .unwrap()
+            .split(',')
+            .map(str::trim)
+            .collect();
         let mut want: Vec<&str> = allow.split(',').collect();
         got.sort();
         want.sort();
@@ -45,7 +61,9 @@ async fn request_ids_are_echoed_or_generated(app: TestApp) {
     assert_eq!(reply.header("x-request-id"), Some("trace-abc-123"));
     assert_eq!(reply.json["request_id"], "trace-abc-123");
 
-    let ok = app.call(Method::GET, "/api/alice/tasks", "alice", None).await;
+    let ok = app
+        .call(Method::GET, "/api/alice/tasks", "alice", None)
+        .await;
     let generated = ok.header("x-request-id").unwrap();
     assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
 
@@ -59,11 +77,15 @@ async fn request_ids_are_echoed_or_generated(app: TestApp) {
 }
 
 async fn health_reports_the_database(app: TestApp) {
-    let reply = app.call_with_token(Method::GET, "/health", None, None).await;
+    let reply = app
+        .call_with_token(Method::GET, "/health", None, None)
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json["status"], "ok");
     app.close_database().await;
-    let reply = app.call_with_token(Method::GET, "/health", None, None).await;
+    let reply = app
+        .call_with_token(Method::GET, "/health", None, None)
+        .await;
     reply.assert_error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE");
     assert!(reply.header("retry-after").is_some());
 }
@@ -74,9 +96,17 @@ async fn database_failure_is_a_500_that_reveals_nothing(app: TestApp) {
     let url = format!("/api/alice/tasks/{}", task["id"]);
     for (method, uri, body) in [
         (Method::GET, "/api/alice/tasks", None),
-        (Method::POST, "/api/alice/tasks", Some(json!({"title": "t"}))),
+        (
+            Method::POST,
+            "/api/alice/tasks",
+            Some(json!({"title": "t"})),
+        ),
         (Method::GET, url.as_str(), None),
-        (Method::PUT, url.as_str(), Some(json!({"title": "t", "complete": true}))),
+        (
+            Method::PUT,
+            url.as_str(),
+            Some(json!({"title": "t", "complete": true})),
+        ),
         (Method::PATCH, url.as_str(), Some(json!({"complete": true}))),
         (Method::DELETE, url.as_str(), None),
     ] {
@@ -93,9 +123,12 @@ async fn database_failure_is_a_500_that_reveals_nothing(app: TestApp) {
 
 async fn responses_are_not_cacheable(app: TestApp) {
     for reply in [
-        app.call(Method::GET, "/api/alice/tasks", "alice", None).await,
-        app.call(Method::GET, "/api/alice/tasks/1", "alice", None).await,
-        app.call_with_token(Method::GET, "/api/alice/tasks", None, None).await,
+        app.call(Method::GET, "/api/alice/tasks", "alice", None)
+            .await,
+        app.call(Method::GET, "/api/alice/tasks/1", "alice", None)
+            .await,
+        app.call_with_token(Method::GET, "/api/alice/tasks", None, None)
+            .await,
     ] {
         assert_eq!(reply.header("cache-control"), Some("no-store"));
         assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
@@ -109,7 +142,10 @@ async fn cors_follows_the_configured_origins(app: TestApp) {
             .uri("/api/alice/tasks")
             .header(header::ORIGIN, origin)
             .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
-            .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "authorization,content-type")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization,content-type",
+            )
             .body(Body::empty())
             .unwrap()
     };
@@ -121,10 +157,22 @@ async fn cors_follows_the_configured_origins(app: TestApp) {
     let app = app.sibling(auth_config(), allowed).await;
     let reply = app.send(preflight("https://app.example.com")).await;
     assert!(reply.status.is_success(), "{:?}", reply.status);
-    assert_eq!(reply.header("access-control-allow-origin"), Some("https://app.example.com"));
-    let methods = reply.header("access-control-allow-methods").unwrap().to_owned();
-    assert!(methods.contains("PATCH") && methods.contains("DELETE"), "{methods}");
-    let headers = reply.header("access-control-allow-headers").unwrap().to_lowercase();
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let methods = reply
+        .header("access-control-allow-methods")
+        .unwrap()
+        .to_owned();
+    assert!(
+        methods.contains("PATCH") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let headers = reply
+        .header("access-control-allow-headers")
+        .unwrap()
+        .to_lowercase();
     assert!(headers.contains("authorization") && headers.contains("content-type"));
 
     let reply = app.send(preflight("https://evil.example.com")).await;
@@ -139,8 +187,14 @@ async fn cors_follows_the_configured_origins(app: TestApp) {
         .unwrap();
     let reply = app.send(request).await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.header("access-control-allow-origin"), Some("https://app.example.com"));
-    let exposed = reply.header("access-control-expose-headers").unwrap().to_lowercase();
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let exposed = reply
+        .header("access-control-expose-headers")
+        .unwrap()
+        .to_lowercase();
     assert!(exposed.contains("location") && exposed.contains("x-request-id"));
 }
 
@@ -233,7 +287,11 @@ async fn shutdown_lets_requests_in_flight_finish(app: TestApp) {
         .unwrap();
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     // The server then stops by itself, well within its grace period.
-    timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(app.count("alice").await, 1);
 }
 

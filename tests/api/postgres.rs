@@ -59,9 +59,14 @@ async fn stage1_table_is_adopted_with_every_row() {
     let app = TestApp::from_store(store, schema).await;
 
     assert_eq!(column_type(&pool, "id").await, "bigint");
-    assert_eq!(column_type(&pool, "created_at").await, "timestamp with time zone");
+    assert_eq!(
+        column_type(&pool, "created_at").await,
+        "timestamp with time zone"
+    );
 
-    let reply = app.call(Method::GET, "/api/alice/tasks", "alice", None).await;
+    let reply = app
+        .call(Method::GET, "/api/alice/tasks", "alice", None)
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json["count"], 2);
     let tasks = reply.json["tasks"].as_array().unwrap();
@@ -88,14 +93,21 @@ async fn stage1_table_is_adopted_with_every_row() {
     assert_eq!(fetched.json["title"], "past 32 bits");
     // Old rows are updated like new ones.
     let patched = app
-        .call(Method::PATCH, "/api/alice/tasks/1", "alice", Some(json!({"complete": true})))
+        .call(
+            Method::PATCH,
+            "/api/alice/tasks/1",
+            "alice",
+            Some(json!({"complete": true})),
+        )
         .await;
     assert_eq!(patched.status, StatusCode::OK);
     assert!(utc(&patched.json["updated_at"]) > utc(&tasks[0]["updated_at"]));
 
     // Starting again changes nothing.
     let schema_options = app.pg_schema_options();
-    PgTaskStore::connect_with(schema_options, &pool_settings()).await.unwrap();
+    PgTaskStore::connect_with(schema_options, &pool_settings())
+        .await
+        .unwrap();
     assert_eq!(app.count("alice").await, 4);
 }
 
@@ -105,9 +117,11 @@ async fn an_interrupted_adoption_leaves_the_table_as_it_was() {
     let (schema, pool) = stage1_schema(&url).await;
     // The adoption migration, cut short by a failure before it commits.
     let mut tx = pool.begin().await.unwrap();
-    tx.execute(include_str!("../../migrations/postgres/0002_bigint_ids_utc_timestamps.sql"))
-        .await
-        .unwrap();
+    tx.execute(include_str!(
+        "../../migrations/postgres/0002_bigint_ids_utc_timestamps.sql"
+    ))
+    .await
+    .unwrap();
     assert_eq!(
         sqlx::query_scalar::<_, String>(
             "SELECT data_type::text FROM information_schema.columns
@@ -122,14 +136,25 @@ async fn an_interrupted_adoption_leaves_the_table_as_it_was() {
     drop(tx);
 
     assert_eq!(column_type(&pool, "id").await, "integer");
-    assert_eq!(column_type(&pool, "created_at").await, "timestamp without time zone");
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    assert_eq!(
+        column_type(&pool, "created_at").await,
+        "timestamp without time zone"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 3);
 
     // The next start-up completes the adoption.
-    PgTaskStore::connect_with(schema.options(), &pool_settings()).await.unwrap();
+    PgTaskStore::connect_with(schema.options(), &pool_settings())
+        .await
+        .unwrap();
     assert_eq!(column_type(&pool, "id").await, "bigint");
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 3);
 }
 
@@ -143,13 +168,14 @@ async fn works_over_tls_with_sslmode_require() {
         schema.name
     );
     // Through the same URL parsing the service uses.
-    let store = PgTaskStore::connect(&tls_url, &pool_settings()).await.unwrap();
-    let on_tls: bool = sqlx::query_scalar(
-        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    let store = PgTaskStore::connect(&tls_url, &pool_settings())
+        .await
+        .unwrap();
+    let on_tls: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
     assert!(on_tls);
 
     // And the whole API over an encrypted connection.
@@ -160,7 +186,12 @@ async fn works_over_tls_with_sslmode_require() {
     .unwrap();
     let task = app.create("alice", "over tls").await;
     let reply = app
-        .call(Method::GET, &format!("/api/alice/tasks/{}", task["id"]), "alice", None)
+        .call(
+            Method::GET,
+            &format!("/api/alice/tasks/{}", task["id"]),
+            "alice",
+            None,
+        )
         .await;
     assert_eq!(reply.json, task);
 }

@@ -73,7 +73,9 @@ pub struct PgSchema {
 impl PgSchema {
     pub async fn create(url: &str) -> Self {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(url).await.expect("connect to TEST_DATABASE_URL");
+        let mut conn = PgConnection::connect(url)
+            .await
+            .expect("connect to TEST_DATABASE_URL");
         sqlx::query(&format!("CREATE SCHEMA {name}"))
             .execute(&mut conn)
             .await
@@ -128,7 +130,9 @@ impl TestApp {
     pub async fn sqlite_with(auth: AuthConfig, cors: CorsOrigins) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
-        let store = SqliteTaskStore::connect(&url, &pool_settings()).await.unwrap();
+        let store = SqliteTaskStore::connect(&url, &pool_settings())
+            .await
+            .unwrap();
         let router = build(Arc::new(store.clone()), &auth, &cors);
         Self {
             router,
@@ -321,7 +325,9 @@ impl Reply {
         let request_id = self.json["request_id"].as_str().expect("request_id");
         assert_eq!(self.header("x-request-id"), Some(request_id));
         let timestamp = self.json["timestamp"].as_str().expect("timestamp");
-        assert!(timestamp.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(timestamp).is_ok());
+        assert!(
+            timestamp.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(timestamp).is_ok()
+        );
         assert!(!self.json["detail"].is_null());
         if status == StatusCode::UNAUTHORIZED {
             assert_eq!(self.header("www-authenticate"), Some("Bearer"));
@@ -351,7 +357,12 @@ impl Reply {
             .collect();
         let expected: Vec<(Vec<String>, String)> = expected
             .iter()
-            .map(|(loc, kind)| (loc.iter().map(|s| s.to_string()).collect(), kind.to_string()))
+            .map(|(loc, kind)| {
+                (
+                    loc.iter().map(|s| s.to_string()).collect(),
+                    kind.to_string(),
+                )
+            })
             .collect();
         assert_eq!(got, expected);
     }

@@ -34,7 +34,12 @@ async fn create_returns_the_task_with_location(app: TestApp) {
     assert_eq!(reply.header("content-type"), Some("application/json"));
 
     let fetched = app
-        .call(Method::GET, &format!("/api/alice/tasks/{id}"), "alice", None)
+        .call(
+            Method::GET,
+            &format!("/api/alice/tasks/{id}"),
+            "alice",
+            None,
+        )
         .await;
     assert_eq!(fetched.status, StatusCode::OK);
     assert_eq!(fetched.json, reply.json);
@@ -59,14 +64,18 @@ async fn create_keeps_title_and_description_exactly(app: TestApp) {
 }
 
 async fn list_is_oldest_first_with_count_and_only_own_tasks(app: TestApp) {
-    let empty = app.call(Method::GET, "/api/alice/tasks", "alice", None).await;
+    let empty = app
+        .call(Method::GET, "/api/alice/tasks", "alice", None)
+        .await;
     assert_eq!(empty.status, StatusCode::OK);
     assert_eq!(empty.json, json!({"tasks": [], "count": 0}));
 
     let a1 = app.create("alice", "first").await;
     app.create("bob", "bob's").await;
     let a2 = app.create("alice", "second").await;
-    let reply = app.call(Method::GET, "/api/alice/tasks", "alice", None).await;
+    let reply = app
+        .call(Method::GET, "/api/alice/tasks", "alice", None)
+        .await;
     assert_eq!(reply.json["count"], 2);
     let tasks = reply.json["tasks"].as_array().unwrap();
     assert_eq!(tasks, &vec![a1, a2]);
@@ -76,7 +85,11 @@ async fn list_is_oldest_first_with_count_and_only_own_tasks(app: TestApp) {
 async fn list_filters_and_pages(app: TestApp) {
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(app.create("alice", &format!("t{i}")).await["id"].as_i64().unwrap());
+        ids.push(
+            app.create("alice", &format!("t{i}")).await["id"]
+                .as_i64()
+                .unwrap(),
+        );
     }
     for id in [ids[1], ids[3]] {
         let r = app
@@ -95,16 +108,30 @@ async fn list_filters_and_pages(app: TestApp) {
         tasks.iter().map(|t| t["id"].as_i64().unwrap()).collect()
     };
     let get = async |query: &str| {
-        app.call(Method::GET, &format!("/api/alice/tasks{query}"), "alice", None)
-            .await
+        app.call(
+            Method::GET,
+            &format!("/api/alice/tasks{query}"),
+            "alice",
+            None,
+        )
+        .await
     };
     assert_eq!(ids_of(&get("?complete=true").await), vec![ids[1], ids[3]]);
-    assert_eq!(ids_of(&get("?complete=false").await), vec![ids[0], ids[2], ids[4]]);
+    assert_eq!(
+        ids_of(&get("?complete=false").await),
+        vec![ids[0], ids[2], ids[4]]
+    );
     assert_eq!(ids_of(&get("?limit=2").await), vec![ids[0], ids[1]]);
-    assert_eq!(ids_of(&get("?limit=2&offset=2").await), vec![ids[2], ids[3]]);
+    assert_eq!(
+        ids_of(&get("?limit=2&offset=2").await),
+        vec![ids[2], ids[3]]
+    );
     assert_eq!(ids_of(&get("?offset=3").await), vec![ids[3], ids[4]]);
     assert_eq!(ids_of(&get("?offset=10").await), Vec::<i64>::new());
-    assert_eq!(ids_of(&get("?complete=false&limit=1&offset=1").await), vec![ids[2]]);
+    assert_eq!(
+        ids_of(&get("?complete=false&limit=1&offset=1").await),
+        vec![ids[2]]
+    );
     assert_eq!(ids_of(&get("?limit=1000&unknown=x").await).len(), 5);
 }
 
@@ -112,20 +139,35 @@ async fn get_answers_404_for_missing_and_403_for_others(app: TestApp) {
     let bobs = app.create("bob", "secret plans").await;
     let id = bobs["id"].as_i64().unwrap();
     let reply = app
-        .call(Method::GET, &format!("/api/alice/tasks/{id}"), "alice", None)
+        .call(
+            Method::GET,
+            &format!("/api/alice/tasks/{id}"),
+            "alice",
+            None,
+        )
         .await;
     reply.assert_error(StatusCode::FORBIDDEN, "AUTH_FORBIDDEN");
     assert!(!String::from_utf8_lossy(&reply.raw).contains("secret plans"));
 
     let reply = app
-        .call(Method::GET, &format!("/api/alice/tasks/{}", id + 1000), "alice", None)
+        .call(
+            Method::GET,
+            &format!("/api/alice/tasks/{}", id + 1000),
+            "alice",
+            None,
+        )
         .await;
     reply.assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
     assert_eq!(reply.json["detail"], "Task not found");
     // Well-formed ids beyond 32 bits are simply not found.
     for big in ["2147483648", "9223372036854775807"] {
         let reply = app
-            .call(Method::GET, &format!("/api/alice/tasks/{big}"), "alice", None)
+            .call(
+                Method::GET,
+                &format!("/api/alice/tasks/{big}"),
+                "alice",
+                None,
+            )
             .await;
         reply.assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
     }
@@ -143,7 +185,12 @@ async fn put_replaces_the_whole_task(app: TestApp) {
             Some(json!({"title": "final", "description": "details", "complete": true, "user_id": "bob"})),
         )
         .await;
-    assert_eq!(with_description.status, StatusCode::OK, "{}", with_description.json);
+    assert_eq!(
+        with_description.status,
+        StatusCode::OK,
+        "{}",
+        with_description.json
+    );
     assert_eq!(with_description.json["title"], "final");
     assert_eq!(with_description.json["description"], "details");
     assert_eq!(with_description.json["complete"], true);
@@ -153,7 +200,12 @@ async fn put_replaces_the_whole_task(app: TestApp) {
 
     // A missing description becomes null: full replacement.
     let replaced = app
-        .call(Method::PUT, &url, "alice", Some(json!({"title": "again", "complete": false})))
+        .call(
+            Method::PUT,
+            &url,
+            "alice",
+            Some(json!({"title": "again", "complete": false})),
+        )
         .await;
     assert_eq!(replaced.status, StatusCode::OK);
     assert_eq!(replaced.json["description"], json!(null));
@@ -174,26 +226,58 @@ async fn patch_changes_only_what_it_names(app: TestApp) {
         .await
         .json;
     let url = format!("/api/alice/tasks/{}", created["id"]);
-    let done = app.call(Method::PATCH, &url, "alice", Some(json!({"complete": true}))).await;
+    let done = app
+        .call(
+            Method::PATCH,
+            &url,
+            "alice",
+            Some(json!({"complete": true})),
+        )
+        .await;
     assert_eq!(done.status, StatusCode::OK);
     assert_eq!(
-        (&done.json["title"], &done.json["description"], &done.json["complete"]),
+        (
+            &done.json["title"],
+            &done.json["description"],
+            &done.json["complete"]
+        ),
         (&json!("t"), &json!("d"), &json!(true))
     );
-    let renamed = app.call(Method::PATCH, &url, "alice", Some(json!({"title": "new"}))).await;
+    let renamed = app
+        .call(Method::PATCH, &url, "alice", Some(json!({"title": "new"})))
+        .await;
     assert_eq!(
-        (&renamed.json["title"], &renamed.json["description"], &renamed.json["complete"]),
+        (
+            &renamed.json["title"],
+            &renamed.json["description"],
+            &renamed.json["complete"]
+        ),
         (&json!("new"), &json!("d"), &json!(true))
     );
-    let cleared = app.call(Method::PATCH, &url, "alice", Some(json!({"description": null}))).await;
+    let cleared = app
+        .call(
+            Method::PATCH,
+            &url,
+            "alice",
+            Some(json!({"description": null})),
+        )
+        .await;
     assert_eq!(cleared.status, StatusCode::OK);
     assert_eq!(cleared.json["description"], json!(null));
     assert_eq!(cleared.json["title"], "new");
     assert_eq!(cleared.json["created_at"], created["created_at"]);
-    let stamps = [&created, &done.json, &renamed.json, &cleared.json].map(|t| utc(&t["updated_at"]));
+    let stamps =
+        [&created, &done.json, &renamed.json, &cleared.json].map(|t| utc(&t["updated_at"]));
     assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
 
-    let empty = app.call(Method::PATCH, &url, "alice", Some(json!({"id": 5, "other": 1}))).await;
+    let empty = app
+        .call(
+            Method::PATCH,
+            &url,
+            "alice",
+            Some(json!({"id": 5, "other": 1})),
+        )
+        .await;
     empty.assert_error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     let unchanged = app.call(Method::GET, &url, "alice", None).await;
     assert_eq!(unchanged.json, cleared.json);
@@ -229,7 +313,12 @@ async fn another_users_task_is_never_shown_changed_or_deleted(app: TestApp) {
             .assert_error(StatusCode::FORBIDDEN, "AUTH_FORBIDDEN");
     }
     let still = app
-        .call(Method::GET, &format!("/api/bob/tasks/{}", bobs["id"]), "bob", None)
+        .call(
+            Method::GET,
+            &format!("/api/bob/tasks/{}", bobs["id"]),
+            "bob",
+            None,
+        )
         .await;
     assert_eq!(still.json, bobs);
 }
@@ -238,7 +327,9 @@ async fn user_ids_are_opaque_path_segments(app: TestApp) {
     // Encoded slashes, dots and Unicode in a user id round-trip through the path.
     let user = "ärger/x.y z";
     let path = "/api/%C3%A4rger%2Fx.y%20z/tasks";
-    let reply = app.call(Method::POST, path, user, Some(json!({"title": "t"}))).await;
+    let reply = app
+        .call(Method::POST, path, user, Some(json!({"title": "t"})))
+        .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json);
     assert_eq!(reply.json["user_id"], user);
     let location = reply.header("location").unwrap().to_owned();
@@ -272,13 +363,22 @@ async fn updated_at_strictly_increases_within_one_microsecond(app: TestApp) {
     let mut last = task.updated_at;
     for _ in 0..3 {
         let updated = store.patch("alice", task.id, &patch, now).await.unwrap();
-        assert!(updated.updated_at > last, "{} <= {last}", updated.updated_at);
+        assert!(
+            updated.updated_at > last,
+            "{} <= {last}",
+            updated.updated_at
+        );
         assert!(updated.updated_at - last < chrono::Duration::milliseconds(1));
         last = updated.updated_at;
     }
     // And through HTTP the increments stay visible to clients.
     let a = app
-        .call(Method::PATCH, &format!("/api/alice/tasks/{}", task.id), "alice", Some(json!({"complete": false})))
+        .call(
+            Method::PATCH,
+            &format!("/api/alice/tasks/{}", task.id),
+            "alice",
+            Some(json!({"complete": false})),
+        )
         .await;
     assert!(utc(&a.json["updated_at"]) > last);
 }
@@ -288,7 +388,11 @@ async fn concurrent_creates_get_unique_ids(app: TestApp) {
     let handles: Vec<_> = (0..20)
         .map(|i| {
             let app = app.clone();
-            tokio::spawn(async move { app.create("alice", &format!("t{i}")).await["id"].as_i64().unwrap() })
+            tokio::spawn(async move {
+                app.create("alice", &format!("t{i}")).await["id"]
+                    .as_i64()
+                    .unwrap()
+            })
         })
         .collect();
     let mut ids = Vec::new();

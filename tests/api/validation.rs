@@ -24,9 +24,14 @@ async fn title_rules(app: TestApp) {
         (json!({"title": "a\u{0}b"}), "value_error"),
     ];
     for (body, kind) in cases {
-        app.call(Method::POST, "/api/alice/tasks", "alice", Some(body.clone()))
-            .await
-            .assert_invalid(&[(TITLE, kind)]);
+        app.call(
+            Method::POST,
+            "/api/alice/tasks",
+            "alice",
+            Some(body.clone()),
+        )
+        .await
+        .assert_invalid(&[(TITLE, kind)]);
     }
     assert_eq!(app.count("alice").await, 0);
 }
@@ -82,9 +87,14 @@ async fn booleans_are_json_booleans_only(app: TestApp) {
         app.call(Method::PATCH, &url, "alice", Some(json!({"complete": bad})))
             .await
             .assert_invalid(&[(COMPLETE, "bool_type")]);
-        app.call(Method::PUT, &url, "alice", Some(json!({"title": "t", "complete": bad})))
-            .await
-            .assert_invalid(&[(COMPLETE, "bool_type")]);
+        app.call(
+            Method::PUT,
+            &url,
+            "alice",
+            Some(json!({"title": "t", "complete": bad})),
+        )
+        .await
+        .assert_invalid(&[(COMPLETE, "bool_type")]);
     }
     app.call(Method::PUT, &url, "alice", Some(json!({"title": "t"})))
         .await
@@ -97,15 +107,27 @@ async fn booleans_are_json_booleans_only(app: TestApp) {
 }
 
 async fn task_id_must_be_a_positive_64_bit_integer(app: TestApp) {
-    for raw in ["abc", "1.5", "-1", "0", "9223372036854775808", "99999999999999999999", "1e3", "%20"] {
+    for raw in [
+        "abc",
+        "1.5",
+        "-1",
+        "0",
+        "9223372036854775808",
+        "99999999999999999999",
+        "1e3",
+        "%20",
+    ] {
         for method in [Method::GET, Method::DELETE] {
             app.call(method, &format!("/api/alice/tasks/{raw}"), "alice", None)
                 .await
-                .assert_invalid(&[(&["path", "task_id"], match raw {
-                    "-1" | "0" => "greater_than_equal",
-                    "9223372036854775808" | "99999999999999999999" => "less_than_equal",
-                    _ => "int_parsing",
-                })]);
+                .assert_invalid(&[(
+                    &["path", "task_id"],
+                    match raw {
+                        "-1" | "0" => "greater_than_equal",
+                        "9223372036854775808" | "99999999999999999999" => "less_than_equal",
+                        _ => "int_parsing",
+                    },
+                )]);
         }
     }
 }
@@ -121,9 +143,14 @@ async fn list_query_rules(app: TestApp) {
         ("offset=-1", "offset", "greater_than_equal"),
         ("offset=1.5", "offset", "int_parsing"),
     ] {
-        app.call(Method::GET, &format!("/api/alice/tasks?{query}"), "alice", None)
-            .await
-            .assert_invalid(&[(&["query", loc], kind)]);
+        app.call(
+            Method::GET,
+            &format!("/api/alice/tasks?{query}"),
+            "alice",
+            None,
+        )
+        .await
+        .assert_invalid(&[(&["query", loc], kind)]);
     }
 }
 
@@ -140,7 +167,14 @@ async fn body_syntax_and_media_type(app: TestApp) {
         r.body(Body::from(body)).unwrap()
     };
     let json_ct = Some("application/json");
-    for bad_json in [&b"{"[..], b"{\"title\": }", b"not json", b"{\"title\": \"a\"} x", b"\xff\xfe", &b"["[..].repeat(10_000)] {
+    for bad_json in [
+        &b"{"[..],
+        b"{\"title\": }",
+        b"not json",
+        b"{\"title\": \"a\"} x",
+        b"\xff\xfe",
+        &b"["[..].repeat(10_000),
+    ] {
         app.send(post(json_ct, bad_json.to_vec()))
             .await
             .assert_error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
@@ -161,7 +195,11 @@ async fn body_syntax_and_media_type(app: TestApp) {
     app.send(post(json_ct, Vec::new()))
         .await
         .assert_invalid(&[(&["body"], "missing")]);
-    for other in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+    for other in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
         app.send(post(Some(other), br#"{"title": "t"}"#.to_vec()))
             .await
             .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
@@ -171,8 +209,13 @@ async fn body_syntax_and_media_type(app: TestApp) {
         .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
     assert_eq!(app.count("alice").await, 0);
     // Parameters and +json types are JSON.
-    for ok in ["application/json; charset=utf-8", "application/merge-patch+json"] {
-        let reply = app.send(post(Some(ok), br#"{"title": "t"}"#.to_vec())).await;
+    for ok in [
+        "application/json; charset=utf-8",
+        "application/merge-patch+json",
+    ] {
+        let reply = app
+            .send(post(Some(ok), br#"{"title": "t"}"#.to_vec()))
+            .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{ok}");
     }
 }
