@@ -13,8 +13,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_task-api");
 fn task_api(dir: &std::path::Path) -> Command {
     let mut command = Command::new(BIN);
     command.current_dir(dir).env_clear();
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
+    // PATH, and the coverage tool's profile location so the child's runs are measured too.
+    for keep in ["PATH", "LLVM_PROFILE_FILE"] {
+        if let Ok(value) = std::env::var(keep) {
+            command.env(keep, value);
+        }
     }
     command
 }
