@@ -161,108 +161,87 @@ pub enum BodyError {
 
 impl NewTask {
     pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
-        let mut errors = Vec::new();
-        let title = required(&mut errors, title(body.remove("title")));
-        let description = optional_description(&mut errors, body.remove("description"));
-        finish(errors)?;
-        Ok(Self {
-            title: title.ok_or(BodyError::Invalid(Vec::new()))?,
-            description: description.flatten(),
-        })
+        match (
+            title(body.remove("title")),
+            description(body.remove("description")),
+        ) {
+            (Ok(title), Ok(description)) => Ok(Self {
+                title,
+                description: description.flatten(),
+            }),
+            (title, description) => Err(invalid([title.err(), description.err()])),
+        }
     }
 }
 
 impl TaskReplace {
     pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
-        let mut errors = Vec::new();
-        let title = required(&mut errors, title(body.remove("title")));
-        let description = optional_description(&mut errors, body.remove("description"));
-        let complete = required(&mut errors, complete(body.remove("complete")));
-        finish(errors)?;
-        match (title, complete) {
-            (Some(title), Some(complete)) => Ok(Self {
+        match (
+            title(body.remove("title")),
+            description(body.remove("description")),
+            complete(body.remove("complete")),
+        ) {
+            (Ok(title), Ok(description), Ok(complete)) => Ok(Self {
                 title,
                 description: description.flatten(),
                 complete,
             }),
-            _ => Err(BodyError::Invalid(Vec::new())),
+            (title, description, complete) => {
+                Err(invalid([title.err(), description.err(), complete.err()]))
+            }
         }
     }
 }
 
 impl TaskPatch {
     pub fn from_json(mut body: Map<String, Value>) -> Result<Self, BodyError> {
-        let (title_v, description_v, complete_v) = (
+        let (title_value, description_value, complete_value) = (
             body.remove("title"),
             body.remove("description"),
             body.remove("complete"),
         );
-        if title_v.is_none() && description_v.is_none() && complete_v.is_none() {
+        if title_value.is_none() && description_value.is_none() && complete_value.is_none() {
             return Err(BodyError::EmptyPatch);
         }
-        let mut errors = Vec::new();
-        let title = title_v.map(|v| title(Some(v)));
-        let title = match title {
-            Some(Ok(t)) => t,
-            Some(Err(e)) => {
-                errors.push(e);
-                None
+        // Absent fields stay `None`; present ones follow the same rules as in a PUT.
+        match (
+            title_value.map(|v| title(Some(v))).transpose(),
+            description(description_value),
+            complete_value.map(|v| complete(Some(v))).transpose(),
+        ) {
+            (Ok(title), Ok(description), Ok(complete)) => Ok(Self {
+                title,
+                description,
+                complete,
+            }),
+            (title, description, complete) => {
+                Err(invalid([title.err(), description.err(), complete.err()]))
             }
-            None => None,
-        };
-        let description = optional_description(&mut errors, description_v);
-        let complete = match complete_v.map(|v| complete(Some(v))) {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                errors.push(e);
-                None
-            }
-            None => None,
-        };
-        finish(errors)?;
-        Ok(Self {
-            title,
-            description,
-            complete,
-        })
-    }
-}
-
-fn finish(errors: Vec<FieldError>) -> Result<(), BodyError> {
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(BodyError::Invalid(errors))
-    }
-}
-
-/// Collects the error of a field, returning its value when valid.
-fn required<T>(errors: &mut Vec<FieldError>, field: Result<Option<T>, FieldError>) -> Option<T> {
-    match field {
-        Ok(value) => value,
-        Err(e) => {
-            errors.push(e);
-            None
         }
     }
+}
+
+/// The 422 for the fields that failed, in field order.
+fn invalid<const N: usize>(errors: [Option<FieldError>; N]) -> BodyError {
+    BodyError::Invalid(errors.into_iter().flatten().collect())
 }
 
 /// `title`: required, a string, never null.
-fn title(value: Option<Value>) -> Result<Option<Title>, FieldError> {
+fn title(value: Option<Value>) -> Result<Title, FieldError> {
     const LOC: &[&str] = &["body", "title"];
     match value {
         None => Err(FieldError::missing(LOC)),
-        Some(Value::String(s)) => Title::parse(s).map(Some),
+        Some(Value::String(s)) => Title::parse(s),
         Some(_) => Err(string_type(LOC)),
     }
 }
 
 /// `complete`: required where used, JSON `true`/`false` only.
-fn complete(value: Option<Value>) -> Result<Option<bool>, FieldError> {
+fn complete(value: Option<Value>) -> Result<bool, FieldError> {
     const LOC: &[&str] = &["body", "complete"];
     match value {
         None => Err(FieldError::missing(LOC)),
-        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(Value::Bool(b)) => Ok(b),
         Some(_) => Err(FieldError::new(
             LOC,
             "bool_type",
@@ -272,23 +251,15 @@ fn complete(value: Option<Value>) -> Result<Option<bool>, FieldError> {
 }
 
 /// `description`: absent → `None`; null → `Some(None)`; a string → `Some(Some(..))`.
-fn optional_description(
-    errors: &mut Vec<FieldError>,
-    value: Option<Value>,
-) -> Option<Option<Description>> {
+fn description(value: Option<Value>) -> Result<Option<Option<Description>>, FieldError> {
     const LOC: &[&str] = &["body", "description"];
-    let parsed = match value? {
-        Value::Null => Ok(None),
-        Value::String(s) => Description::parse(s).map(Some),
-        _ => Err(string_type(LOC)),
-    };
-    match parsed {
-        Ok(d) => Some(d),
-        Err(e) => {
-            errors.push(e);
-            None
-        }
-    }
+    value
+        .map(|value| match value {
+            Value::Null => Ok(None),
+            Value::String(s) => Description::parse(s).map(Some),
+            _ => Err(string_type(LOC)),
+        })
+        .transpose()
 }
 
 fn string_type(loc: &'static [&'static str]) -> FieldError {

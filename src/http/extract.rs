@@ -48,8 +48,11 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskId {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let raw = path_segment(&parts.uri, TASK_ID_SEGMENT).unwrap_or_default();
-        let raw = std::str::from_utf8(&raw).unwrap_or("\u{fffd}");
-        parse_task_id(raw).map(Self).map_err(ApiError::validation)
+        // Bytes that are not UTF-8 are not digits either: parsing them as empty gives the
+        // same "not an integer" answer.
+        parse_task_id(std::str::from_utf8(&raw).unwrap_or_default())
+            .map(Self)
+            .map_err(ApiError::validation)
     }
 }
 

@@ -22,14 +22,11 @@ pub async fn request_context(req: Request, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // The route template, never the concrete path: it holds user ids.
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let span = tracing::info_span!(
         "request",
         method = %req.method(),
-        route = route.as_deref().unwrap_or("unmatched"),
+        route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
         request_id = %request_id,
         user_id = tracing::field::Empty,
     );

@@ -116,6 +116,7 @@ async fn task_id_must_be_a_positive_64_bit_integer(app: TestApp) {
         "99999999999999999999",
         "1e3",
         "%20",
+        "%FF",
     ] {
         for method in [Method::GET, Method::DELETE] {
             app.call(method, &format!("/api/alice/tasks/{raw}"), "alice", None)
