@@ -8,6 +8,7 @@ use axum::http::HeaderValue;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::auth::claims::ClaimRules;
 use crate::storage::PoolSettings;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
@@ -53,8 +54,9 @@ pub enum CorsOrigins {
 pub struct AuthConfig {
     /// Shared secret for HS256/HS384/HS512 (`JWT_SECRET`, alias `BETTER_AUTH_SECRET`).
     pub secret: Option<SecretString>,
-    /// `BETTER_AUTH_URL`: the Better Auth server.
-    pub better_auth_url: Option<Url>,
+    /// `BETTER_AUTH_URL` as written: the Better Auth server, and by default the `iss` and
+    /// `aud` of its tokens.
+    pub better_auth_url: Option<String>,
     /// The JWKS to fetch public keys from: `JWKS_URL`, else `<BETTER_AUTH_URL>/api/auth/jwks`.
     pub jwks_url: Option<Url>,
     /// Required `iss` (`JWT_ISSUER`).
@@ -67,6 +69,38 @@ impl AuthConfig {
     /// No key of any kind: the service runs in development mode.
     pub fn has_key(&self) -> bool {
         self.secret.is_some() || self.jwks_url.is_some()
+    }
+
+    /// `iss`/`aud` rules for shared-secret tokens: only what is configured explicitly.
+    pub fn secret_rules(&self) -> ClaimRules {
+        ClaimRules {
+            issuers: self.issuer.iter().cloned().collect(),
+            audiences: self.audience.clone(),
+        }
+    }
+
+    /// `iss`/`aud` rules for JWKS tokens: `JWT_ISSUER`/`JWT_AUDIENCE`, else Better Auth's
+    /// defaults, which are both its base URL (accepted with or without a trailing slash).
+    pub fn jwks_rules(&self) -> ClaimRules {
+        let base: Vec<String> = self
+            .better_auth_url
+            .iter()
+            .flat_map(|url| {
+                let bare = url.trim_end_matches('/');
+                [bare.to_owned(), format!("{bare}/")]
+            })
+            .collect();
+        ClaimRules {
+            issuers: match &self.issuer {
+                Some(issuer) => vec![issuer.clone()],
+                None => base.clone(),
+            },
+            audiences: if self.audience.is_empty() {
+                base
+            } else {
+                self.audience.clone()
+            },
+        }
     }
 }
 
@@ -140,17 +174,6 @@ impl Config {
         };
 
         let auth = auth_config(&get)?;
-        if auth.jwks_url.is_some() && auth.secret.is_none() {
-            let setting = if get("JWKS_URL").is_some() {
-                "JWKS_URL"
-            } else {
-                "BETTER_AUTH_URL"
-            };
-            return Err(ConfigError::new(
-                setting,
-                "this version verifies shared-secret tokens only; set JWT_SECRET (or BETTER_AUTH_SECRET)",
-            ));
-        }
         if environment == Environment::Production && !auth.has_key() {
             return Err(ConfigError::new(
                 "JWT_SECRET",
@@ -205,14 +228,15 @@ fn auth_config(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, Conf
         (Some(s), _) | (None, Some(s)) => Some(s),
         (None, None) => None,
     };
-    let better_auth_url = get("BETTER_AUTH_URL")
-        .map(|v| parse_http_url("BETTER_AUTH_URL", &v))
+    let better_auth_url = get("BETTER_AUTH_URL").map(|v| v.trim().to_owned());
+    let base = better_auth_url
+        .as_deref()
+        .map(|v| parse_http_url("BETTER_AUTH_URL", v))
         .transpose()?;
     let jwks_url = match get("JWKS_URL") {
         Some(v) => Some(parse_http_url("JWKS_URL", &v)?),
-        None => better_auth_url.as_ref().map(|base| {
-            let path = format!("{}/api/auth/jwks", base.path().trim_end_matches('/'));
-            let mut url = base.clone();
+        None => base.map(|mut url| {
+            let path = format!("{}/api/auth/jwks", url.path().trim_end_matches('/'));
             url.set_path(&path);
             url
         }),
@@ -296,11 +320,6 @@ mod tests {
                 "CORS_ORIGINS",
             ),
             (vec![("BETTER_AUTH_URL", "ftp://x")], "BETTER_AUTH_URL"),
-            (
-                vec![("BETTER_AUTH_URL", "https://auth.example")],
-                "BETTER_AUTH_URL",
-            ),
-            (vec![("JWKS_URL", "https://auth.example/jwks")], "JWKS_URL"),
             (vec![("JWKS_URL", "nope")], "JWKS_URL"),
             (
                 vec![("DATABASE_MAX_CONNECTIONS", "0")],
@@ -338,11 +357,8 @@ mod tests {
 
     #[test]
     fn jwks_url_derives_from_better_auth_url() {
-        let c = load(&[
-            ("BETTER_AUTH_URL", "https://auth.example.com/"),
-            ("JWT_SECRET", "s"),
-        ])
-        .unwrap();
+        let c = load(&[("BETTER_AUTH_URL", "https://auth.example.com/")]).unwrap();
+        assert!(c.auth.has_key());
         assert_eq!(
             c.auth.jwks_url.unwrap().as_str(),
             "https://auth.example.com/api/auth/jwks"
@@ -350,13 +366,42 @@ mod tests {
         let c = load(&[
             ("BETTER_AUTH_URL", "https://auth.example.com"),
             ("JWKS_URL", "https://keys.example.com/jwks.json"),
-            ("JWT_SECRET", "s"),
         ])
         .unwrap();
         assert_eq!(
             c.auth.jwks_url.unwrap().as_str(),
             "https://keys.example.com/jwks.json"
         );
+    }
+
+    #[test]
+    fn jwks_tokens_default_to_better_auth_url_for_iss_and_aud() {
+        let c = load(&[("BETTER_AUTH_URL", "http://localhost:3000")]).unwrap();
+        let both = vec![
+            "http://localhost:3000".to_owned(),
+            "http://localhost:3000/".to_owned(),
+        ];
+        assert_eq!(
+            c.auth.jwks_rules(),
+            ClaimRules {
+                issuers: both.clone(),
+                audiences: both
+            }
+        );
+        // Shared-secret tokens are held only to what is set explicitly.
+        assert_eq!(c.auth.secret_rules(), ClaimRules::default());
+        let c = load(&[
+            ("BETTER_AUTH_URL", "http://localhost:3000"),
+            ("JWT_ISSUER", "issuer"),
+            ("JWT_AUDIENCE", "a,b"),
+        ])
+        .unwrap();
+        let rules = ClaimRules {
+            issuers: vec!["issuer".into()],
+            audiences: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(c.auth.jwks_rules(), rules);
+        assert_eq!(c.auth.secret_rules(), rules);
     }
 
     #[test]

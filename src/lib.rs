@@ -40,11 +40,6 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.auth.secret = Some(secret.clone());
         Some(secret)
     };
-    if config.auth.jwks_url.is_some() {
-        tracing::warn!(
-            "BETTER_AUTH_URL/JWKS_URL is set, but this version verifies only shared-secret (HS256/384/512) tokens"
-        );
-    }
 
     let store = storage::connect(config.database_url.expose_secret(), &config.pool)
         .await
@@ -64,9 +59,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         print_development_banner(secret, &config, &address.to_string())?;
     }
 
+    let verifier = auth::Verifier::new(&config.auth);
+    // Until the first fetch succeeds, JWKS-signed tokens get 503; /health is unaffected.
+    verifier.spawn_jwks_refresh();
     let state = http::AppState {
         store,
-        verifier: Arc::new(auth::Verifier::new(&config.auth)),
+        verifier: Arc::new(verifier),
     };
     serve(
         listener,

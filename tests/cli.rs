@@ -26,8 +26,8 @@ fn run(command: &mut Command) -> Output {
     command.stdin(Stdio::null()).output().unwrap()
 }
 
-#[test]
-fn token_command_mints_a_token_the_service_accepts() {
+#[tokio::test]
+async fn token_command_mints_a_token_the_service_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(task_api(dir.path())
         .env("JWT_SECRET", "cli-test-secret")
@@ -44,7 +44,7 @@ fn token_command_mints_a_token_the_service_accepts() {
     })
     .unwrap();
     let verifier = task_api::auth::Verifier::new(&config.auth);
-    assert_eq!(verifier.verify(&token).unwrap(), "alice");
+    assert_eq!(verifier.verify(&token).await.unwrap(), "alice");
 
     use base64::Engine;
     let payload = token.split('.').nth(1).unwrap();

@@ -29,7 +29,7 @@ impl FromRequestParts<AppState> for Owner {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let user = state.verifier.verify(bearer_token(&parts.headers)?)?;
+        let user = state.verifier.verify(bearer_token(&parts.headers)?).await?;
         tracing::Span::current().record("user_id", user.as_str());
         // Compared as bytes: a segment that does not decode to UTF-8 is simply not the
         // caller's id (403), rather than a malformed request.
