@@ -3,6 +3,7 @@
 mod support;
 
 mod auth;
+mod jwks;
 mod operations;
 mod postgres;
 mod tasks;

@@ -128,12 +128,21 @@ impl TestApp {
     }
 
     pub async fn sqlite_with(auth: AuthConfig, cors: CorsOrigins) -> Self {
+        let verifier = Verifier::new(&auth);
+        Self::sqlite_with_verifier(auth, verifier, cors).await
+    }
+
+    pub async fn sqlite_with_verifier(
+        auth: AuthConfig,
+        verifier: Verifier,
+        cors: CorsOrigins,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
         let store = SqliteTaskStore::connect(&url, &pool_settings())
             .await
             .unwrap();
-        let router = build(Arc::new(store.clone()), &auth, &cors);
+        let router = build(Arc::new(store.clone()), verifier, &cors);
         Self {
             router,
             auth,
@@ -155,7 +164,7 @@ impl TestApp {
         let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
             .await
             .unwrap();
-        let router = build(Arc::new(store.clone()), &auth, &cors);
+        let router = build(Arc::new(store.clone()), Verifier::new(&auth), &cors);
         Some(Self {
             router,
             auth,
@@ -169,7 +178,11 @@ impl TestApp {
     /// An app over a store already opened in `schema`.
     pub async fn from_store(store: PgTaskStore, schema: PgSchema) -> Self {
         let auth = auth_config();
-        let router = build(Arc::new(store.clone()), &auth, &CorsOrigins::None);
+        let router = build(
+            Arc::new(store.clone()),
+            Verifier::new(&auth),
+            &CorsOrigins::None,
+        );
         Self {
             router,
             auth,
@@ -293,11 +306,11 @@ impl TestApp {
     }
 }
 
-fn build(store: Arc<dyn TaskStore>, auth: &AuthConfig, cors: &CorsOrigins) -> Router {
+fn build(store: Arc<dyn TaskStore>, verifier: Verifier, cors: &CorsOrigins) -> Router {
     app(
         AppState {
             store,
-            verifier: Arc::new(Verifier::new(auth)),
+            verifier: Arc::new(verifier),
         },
         cors,
     )
