@@ -3,6 +3,7 @@
 mod support;
 
 mod auth;
+mod better_auth;
 mod jwks;
 mod operations;
 mod postgres;
