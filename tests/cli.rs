@@ -167,3 +167,58 @@ async fn http_get(address: &str, path: &str, token: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// With only BETTER_AUTH_URL set and its JWKS unreachable, the service still starts and
+/// serves /health; JWKS tokens get 503 until keys arrive.
+#[tokio::test]
+async fn starts_while_the_jwks_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let auth_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut child = tokio::process::Command::from({
+        let mut c = task_api(dir.path());
+        c.env("PORT", "0")
+            .env("LOG_FORMAT", "json")
+            .env("BETTER_AUTH_URL", &auth_url);
+        c
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let address = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("log line in time")
+            .unwrap()
+            .expect("listening before end of output");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            !line.contains("DEVELOPMENT MODE"),
+            "a key is configured: {line}"
+        );
+        if event["fields"]["message"] == "listening" {
+            break event["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let response = http_get(&address, "/health", "unused").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // A well-formed EdDSA token (its signature is never reached).
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = format!(
+        "{}.{}.AAAA",
+        b64(serde_json::json!({"alg": "EdDSA", "kid": "k"})),
+        b64(serde_json::json!({"sub": "u", "exp": 4_000_000_000u64}))
+    );
+    let response = http_get(&address, "/api/u/tasks", &token).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("SERVICE_UNAVAILABLE"), "{response}");
+}

@@ -49,7 +49,10 @@ async fn start_better_auth(alg: &str) -> (Child, String) {
         .expect("Better Auth started in time")
         .unwrap()
         .expect("Better Auth printed its address");
-    let base = line.strip_prefix("listening ").expect("listening line").to_owned();
+    let base = line
+        .strip_prefix("listening ")
+        .expect("listening line")
+        .to_owned();
     (child, base)
 }
 
@@ -61,11 +64,18 @@ async fn sign_up_and_get_token(base: &str, email: &str) -> (String, String) {
         .post(format!("{base}/api/auth/sign-up/email"))
         .header("Origin", base)
         .header("Content-Type", "application/json")
-        .body(json!({"email": email, "password": "correct horse battery", "name": "Interop"}).to_string())
+        .body(
+            json!({"email": email, "password": "correct horse battery", "name": "Interop"})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();
-    assert!(signed_up.status().is_success(), "sign-up: {}", signed_up.status());
+    assert!(
+        signed_up.status().is_success(),
+        "sign-up: {}",
+        signed_up.status()
+    );
     let cookies: Vec<String> = signed_up
         .headers()
         .get_all("set-cookie")
@@ -94,13 +104,22 @@ async fn better_auth_tokens_work_with_every_algorithm(app: TestApp) {
     }
     for alg in ALGORITHMS {
         let (_server, base) = start_better_auth(alg).await;
-        let (user, token) = sign_up_and_get_token(&base, &format!("{}@example.com", alg.to_lowercase())).await;
+        let (user, token) =
+            sign_up_and_get_token(&base, &format!("{}@example.com", alg.to_lowercase())).await;
         let header: Value = {
             use base64::Engine;
             let b64 = token.split('.').next().unwrap();
-            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64).unwrap()).unwrap()
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(b64)
+                    .unwrap(),
+            )
+            .unwrap()
         };
-        assert_eq!(header["alg"], alg, "Better Auth signed with the configured algorithm");
+        assert_eq!(
+            header["alg"], alg,
+            "Better Auth signed with the configured algorithm"
+        );
 
         // Nothing but BETTER_AUTH_URL configured.
         let mut auth = auth_config();
@@ -111,14 +130,29 @@ async fn better_auth_tokens_work_with_every_algorithm(app: TestApp) {
 
         let path = format!("/api/{user}/tasks");
         let created = app
-            .call_with_token(Method::POST, &path, Some(&token), Some(json!({"title": format!("signed with {alg}")})))
+            .call_with_token(
+                Method::POST,
+                &path,
+                Some(&token),
+                Some(json!({"title": format!("signed with {alg}")})),
+            )
             .await;
-        assert_eq!(created.status, StatusCode::CREATED, "{alg}: {}", created.json);
+        assert_eq!(
+            created.status,
+            StatusCode::CREATED,
+            "{alg}: {}",
+            created.json
+        );
         assert_eq!(created.json["user_id"], user.as_str());
-        let listed = app.call_with_token(Method::GET, &path, Some(&token), None).await;
+        let listed = app
+            .call_with_token(Method::GET, &path, Some(&token), None)
+            .await;
         assert_eq!(listed.status, StatusCode::OK, "{alg}");
         assert_eq!(listed.json["count"], 1);
-        assert_eq!(listed.json["tasks"][0]["title"], format!("signed with {alg}"));
+        assert_eq!(
+            listed.json["tasks"][0]["title"],
+            format!("signed with {alg}")
+        );
         app.call_with_token(Method::GET, "/api/someone-else/tasks", Some(&token), None)
             .await
             .assert_error(StatusCode::FORBIDDEN, "AUTH_FORBIDDEN");
