@@ -192,12 +192,8 @@ impl KeySet {
         }
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.by_kid.len() + self.unnamed.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -319,8 +315,9 @@ impl JwksCache {
                     backoff = Duration::from_secs(1);
                     strong.settings.refresh_every
                 } else {
+                    let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    backoff
+                    wait
                 };
                 drop(strong);
                 tokio::time::sleep(wait).await;

@@ -137,6 +137,7 @@ pub enum Mode {
     Unavailable,
     Garbage,
     Slow,
+    Huge,
 }
 
 /// A JWKS server the test controls, counting the fetches it answers.
@@ -176,6 +177,10 @@ impl JwksServer {
                         ),
                         Mode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "down".into()),
                         Mode::Garbage => (StatusCode::OK, "{\"keys\": [tru".into()),
+                        Mode::Huge => (
+                            StatusCode::OK,
+                            format!("{{\"keys\": [], \"pad\": \"{}\"}}", "x".repeat(300_000)),
+                        ),
                         Mode::Slow => {
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             (
@@ -593,4 +598,55 @@ async fn hostile_tokens_never_reach_the_network_or_a_5xx() {
             .await
             .assert_error(StatusCode::UNAUTHORIZED, "AUTH_INVALID");
     }
+}
+
+#[tokio::test]
+async fn background_refresh_fetches_at_start_up_and_retries_until_it_succeeds() {
+    let key = TestKey::generate("PS256", "k");
+    let server = JwksServer::start(vec![key.jwk()]).await;
+    server.set_mode(Mode::Unavailable);
+    let auth = better_auth(&server.base_url, false);
+    let verifier = Verifier::with_jwks_settings(&auth, fast());
+    verifier.spawn_jwks_refresh();
+    let app = TestApp::sqlite_with_verifier(auth, verifier, CorsOrigins::None).await;
+
+    let wait_for_fetches = async |n: usize| {
+        for _ in 0..100 {
+            if server.fetches() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("only {} fetches", server.fetches());
+    };
+    // The first attempt happens with no request at all, and fails.
+    wait_for_fetches(1).await;
+    server.set_mode(Mode::Serve);
+    // The retry (after 1 s) succeeds; the keys are there before any token needs them.
+    wait_for_fetches(2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fetched = server.fetches();
+    assert_eq!(
+        list(&app, "u", &key.sign(&claims(&server, "u")))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        server.fetches(),
+        fetched,
+        "the token used the prefetched key"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_is_refused() {
+    let key = TestKey::generate("EdDSA", "k");
+    let server = JwksServer::start(vec![key.jwk()]).await;
+    server.set_mode(Mode::Huge);
+    let app = app_for(better_auth(&server.base_url, false), fast()).await;
+    list(&app, "u", &key.sign(&claims(&server, "u")))
+        .await
+        .assert_error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE");
+    assert_eq!(server.fetches(), 1);
 }
