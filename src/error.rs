@@ -19,12 +19,17 @@ use crate::tasks::BodyError;
 pub const RETRY_AFTER_SECS: &str = "1";
 
 /// One problem in a 422 response, in the shape FastAPI clients already parse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"loc": ["body", "title"], "msg": "String should have at least 1 character", "type": "string_too_short"}))]
 pub struct FieldError {
     /// Where the problem is: `["body", "title"]`, `["path", "task_id"]`, `["query", "limit"]`.
+    #[schema(value_type = Vec<String>)]
     pub loc: &'static [&'static str],
+    #[schema(value_type = String)]
     pub msg: Cow<'static, str>,
+    /// The kind of problem, e.g. `missing`, `string_type`, `string_too_long`.
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
 }
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Method, header};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::Verifier;
 use crate::config::CorsOrigins;
@@ -17,6 +18,7 @@ use crate::storage::TaskStore;
 
 pub mod extract;
 pub mod middleware;
+pub mod openapi;
 mod tasks;
 
 /// Largest accepted request body (contract: over 64 KiB → 413).
@@ -33,10 +35,13 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
 }
 
-/// The whole service as one router.
+/// The whole service as one router: the API, its OpenAPI document at `/openapi.json`
+/// and Swagger UI at `/docs` (assets served from the binary).
 pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
-    let mut router = tasks::router()
-        .route("/health", get(health))
+    let (api, document) = tasks::router().routes(routes!(health)).split_for_parts();
+    let document = openapi::ApiDoc::openapi().merge_from(document);
+    let mut router = api
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     if let Some(cors) = cors_layer(cors) {
@@ -47,12 +52,19 @@ pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
         .with_state(state)
 }
 
-/// 200 when the database answers, 503 (`SERVICE_UNAVAILABLE`) when it does not.
-async fn health(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Whether the service and its database answer.
+#[utoipa::path(get, path = "/health", tag = "service", operation_id = "health",
+    responses(
+        (status = 200, description = "The database answers", body = openapi::Health),
+        (status = 503, description = "The database does not answer within 2 s (`SERVICE_UNAVAILABLE`)",
+         body = openapi::ErrorResponse, headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ))]
+async fn health(State(app): State<AppState>) -> Result<Json<openapi::Health>, ApiError> {
     match tokio::time::timeout(HEALTH_TIMEOUT, app.store.ping()).await {
-        Ok(Ok(())) => Ok(Json(
-            json!({"status": "ok", "database": app.store.backend()}),
-        )),
+        Ok(Ok(())) => Ok(Json(openapi::Health {
+            status: "ok".into(),
+            database: app.store.backend().into(),
+        })),
         Ok(Err(error)) => {
             tracing::warn!(%error, "health check: database unavailable");
             Err(ApiError::Unavailable("Database unavailable"))

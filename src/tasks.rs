@@ -18,15 +18,21 @@ pub const DESCRIPTION_MAX_CHARS: usize = 1000;
 pub const LIST_LIMIT_MAX: i64 = 1000;
 
 /// A stored task, as the API returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"id": 1, "user_id": "alice", "title": "Buy milk", "description": "2 litres", "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z"}))]
 pub struct Task {
+    /// Assigned by the server; never reused.
+    #[schema(minimum = 1)]
     pub id: i64,
+    /// The owner: always the authenticated user.
     pub user_id: String,
     pub title: String,
     pub description: Option<String>,
     pub complete: bool,
+    /// RFC 3339, UTC; set once.
     #[serde(serialize_with = "rfc3339_utc")]
     pub created_at: DateTime<Utc>,
+    /// RFC 3339, UTC; strictly increases on every PUT or PATCH.
     #[serde(serialize_with = "rfc3339_utc")]
     pub updated_at: DateTime<Utc>,
 }
@@ -37,9 +43,12 @@ fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Erro
 }
 
 /// `GET /tasks` response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"tasks": [{"id": 1, "user_id": "alice", "title": "Buy milk", "description": null, "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z"}], "count": 1}))]
 pub struct TaskList {
+    /// Oldest first (by id).
     pub tasks: Vec<Task>,
+    /// The number of tasks in this response.
     pub count: usize,
 }
 

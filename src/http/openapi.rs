@@ -1,0 +1,239 @@
+//! The OpenAPI 3.1 document: operations come from the handlers' `#[utoipa::path]`
+//! annotations (registered together with their routes, so nothing can be routed and not
+//! documented); request and error schemas are declared here.
+//!
+//! The body schemas restate the rules of `crate::tasks` as JSON Schema, so that clients
+//! and property-based testers know them. The patterns spell out exactly the characters
+//! `char::is_whitespace` treats as whitespace, because `\s` differs between regex dialects.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
+
+use crate::error::FieldError;
+use crate::tasks::{Task, TaskList};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Task API",
+        description = "Tasks of a multi-user todo application. Every `/api` call needs a Better Auth JWT (or a token signed with the shared secret) whose user is the path's `user_id`.",
+    ),
+    components(schemas(Task, TaskList, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
+    modifiers(&BearerAuth, &PatchNeedsAField),
+    tags(
+        (name = "tasks", description = "A user's tasks"),
+        (name = "service", description = "Service status"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The `bearerAuth` security scheme the task operations require.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearerAuth",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "A Better Auth JWT, or an HS256 token signed with the shared secret",
+                        ))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// A PATCH body must name at least one of its fields (else 400): stated as `anyOf` of
+/// `required` sets, which JSON Schema validators and test generators understand. (Not
+/// with `#[schema(min_properties)]`: utoipa-gen 5.5 emits that as `maxProperties`, and an
+/// unknown field alone would satisfy it anyway.)
+struct PatchNeedsAField;
+
+impl Modify for PatchNeedsAField {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema};
+        let Some(schemas) = openapi.components.as_mut().map(|c| &mut c.schemas) else {
+            return;
+        };
+        let Some(RefOr::T(Schema::Object(fields))) = schemas.get("PatchTaskBody").cloned() else {
+            return;
+        };
+        let one_of_the_fields = ["title", "description", "complete"]
+            .into_iter()
+            .fold(AnyOfBuilder::new(), |any, field| {
+                any.item(ObjectBuilder::new().required(field))
+            });
+        let patch = AllOfBuilder::new()
+            .description(fields.description.clone())
+            .examples(fields.example.clone())
+            .item(fields)
+            .item(one_of_the_fields);
+        schemas.insert(
+            "PatchTaskBody".to_owned(),
+            RefOr::T(Schema::AllOf(patch.build())),
+        );
+    }
+}
+
+/// `POST` body. Other fields are ignored.
+#[derive(ToSchema)]
+#[schema(example = json!({"title": "Buy milk", "description": "2 litres"}))]
+pub struct NewTaskBody {
+    /// 1–200 characters, not only whitespace, no NUL.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub title: String,
+    /// At most 1000 characters, no NUL; stored exactly as sent.
+    #[schema(max_length = 1000, pattern = r"^[^\u0000]*$")]
+    pub description: Option<String>,
+}
+
+/// `PUT` body: a full replacement; a missing `description` becomes null.
+#[derive(ToSchema)]
+#[schema(example = json!({"title": "Buy oat milk", "description": null, "complete": true}))]
+pub struct ReplaceTaskBody {
+    /// 1–200 characters, not only whitespace, no NUL.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub title: String,
+    /// At most 1000 characters, no NUL.
+    #[schema(max_length = 1000, pattern = r"^[^\u0000]*$")]
+    pub description: Option<String>,
+    pub complete: bool,
+}
+
+/// `PATCH` body: at least one of the fields; absent ones stay as they are, and
+/// `"description": null` clears the description.
+#[derive(ToSchema)]
+#[schema(example = json!({"complete": true}))]
+pub struct PatchTaskBody {
+    /// 1–200 characters, not only whitespace, no NUL; never null.
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000]*$"
+    )]
+    pub title: Option<String>,
+    /// At most 1000 characters, no NUL; null clears it.
+    #[schema(max_length = 1000, pattern = r"^[^\u0000]*$")]
+    pub description: Option<String>,
+    /// Never null.
+    #[schema(nullable = false)]
+    pub complete: Option<bool>,
+}
+
+/// Every error except 422.
+#[derive(ToSchema)]
+#[schema(example = json!({"detail": "Task not found", "error_code": "NOT_FOUND", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+pub struct ErrorResponse {
+    pub detail: String,
+    #[schema(inline)]
+    pub error_code: ErrorCode,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub request_id: String,
+}
+
+/// 422: `detail` lists every problem, in FastAPI's shape.
+#[derive(ToSchema)]
+#[schema(example = json!({"detail": [{"loc": ["body", "title"], "msg": "Field required", "type": "missing"}], "error_code": "VALIDATION_ERROR", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+pub struct ValidationErrorResponse {
+    pub detail: Vec<FieldError>,
+    /// Always `VALIDATION_ERROR`.
+    #[schema(inline)]
+    pub error_code: ErrorCode,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub request_id: String,
+}
+
+#[derive(ToSchema)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms, dead_code)]
+pub enum ErrorCode {
+    VALIDATION_ERROR,
+    AUTH_MISSING,
+    AUTH_INVALID,
+    AUTH_FORBIDDEN,
+    NOT_FOUND,
+    METHOD_NOT_ALLOWED,
+    PAYLOAD_TOO_LARGE,
+    UNSUPPORTED_MEDIA_TYPE,
+    DATABASE_ERROR,
+    INTERNAL_ERROR,
+    SERVICE_UNAVAILABLE,
+}
+
+/// `/health` when the database answers.
+#[derive(serde::Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok", "database": "postgres"}))]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// `postgres` or `sqlite`.
+    pub database: String,
+}
+
+/// Errors every task operation can give.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum AccessErrors {
+    /// No bearer token (`AUTH_MISSING`), or one that does not verify (`AUTH_INVALID`).
+    #[response(status = 401, headers(("WWW-Authenticate" = String, description = "Always `Bearer`")))]
+    Unauthorized(ErrorResponse),
+    /// The path's `user_id` is not the token's user, or the task is another user's.
+    #[response(status = 403)]
+    Forbidden(ErrorResponse),
+    /// The database failed or is unreachable (`DATABASE_ERROR`).
+    #[response(status = 500, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    ServerError(ErrorResponse),
+    /// The signing keys are not available yet (`SERVICE_UNAVAILABLE`).
+    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Unavailable(ErrorResponse),
+}
+
+/// Errors of a request body.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyErrors {
+    /// The body is not valid JSON; or a PATCH with none of its fields.
+    #[response(status = 400)]
+    BadRequest(ErrorResponse),
+    /// The body is over 64 KiB.
+    #[response(status = 413)]
+    TooLarge(ErrorResponse),
+    /// The body is not sent as `application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorResponse),
+}
+
+/// 422: a path parameter, query parameter or body field of the wrong shape.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum Invalid {
+    /// Every problem, in FastAPI's shape.
+    #[response(status = 422)]
+    Invalid(ValidationErrorResponse),
+}
+
+/// 404: no such task.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum TaskNotFound {
+    /// No task with this id.
+    #[response(status = 404)]
+    NotFound(ErrorResponse),
+}
