@@ -192,16 +192,16 @@ pub struct Health {
 #[allow(dead_code)]
 pub enum AccessErrors {
     /// No bearer token (`AUTH_MISSING`), or one that does not verify (`AUTH_INVALID`).
-    #[response(status = 401, headers(("WWW-Authenticate" = String, description = "Always `Bearer`")))]
+    #[response(status = 401, example = json!({"detail": "Token has expired", "error_code": "AUTH_INVALID", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("WWW-Authenticate" = String, description = "Always `Bearer`")))]
     Unauthorized(ErrorResponse),
     /// The path's `user_id` is not the token's user, or the task is another user's.
-    #[response(status = 403)]
+    #[response(status = 403, example = json!({"detail": "Not allowed to access this resource", "error_code": "AUTH_FORBIDDEN", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Forbidden(ErrorResponse),
     /// The database failed or is unreachable (`DATABASE_ERROR`).
-    #[response(status = 500, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    #[response(status = 500, example = json!({"detail": "The database is unavailable", "error_code": "DATABASE_ERROR", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
     ServerError(ErrorResponse),
     /// The signing keys are not available yet (`SERVICE_UNAVAILABLE`).
-    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    #[response(status = 503, example = json!({"detail": "Signing keys are not available yet; try again", "error_code": "SERVICE_UNAVAILABLE", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
     Unavailable(ErrorResponse),
 }
 
@@ -210,13 +210,13 @@ pub enum AccessErrors {
 #[allow(dead_code)]
 pub enum BodyErrors {
     /// The body is not valid JSON; or a PATCH with none of its fields.
-    #[response(status = 400)]
+    #[response(status = 400, example = json!({"detail": "Request body is not valid JSON: expected value at line 1 column 1", "error_code": "VALIDATION_ERROR", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     BadRequest(ErrorResponse),
     /// The body is over 64 KiB.
-    #[response(status = 413)]
+    #[response(status = 413, example = json!({"detail": "Request body is larger than 64 KiB", "error_code": "PAYLOAD_TOO_LARGE", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     TooLarge(ErrorResponse),
     /// The body is not sent as `application/json`.
-    #[response(status = 415)]
+    #[response(status = 415, example = json!({"detail": "Request body must be sent as application/json", "error_code": "UNSUPPORTED_MEDIA_TYPE", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     UnsupportedMediaType(ErrorResponse),
 }
 
@@ -234,6 +234,6 @@ pub enum Invalid {
 #[allow(dead_code)]
 pub enum TaskNotFound {
     /// No task with this id.
-    #[response(status = 404)]
+    #[response(status = 404, example = json!({"detail": "Task not found", "error_code": "NOT_FOUND", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     NotFound(ErrorResponse),
 }

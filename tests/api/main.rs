@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod better_auth;
+mod docs;
 mod jwks;
 mod operations;
 mod postgres;

@@ -225,6 +225,20 @@ impl TestApp {
         }
     }
 
+    /// Serves the app on a loopback port until the returned guard is dropped.
+    pub async fn serve(&self) -> LiveServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(task_api::serve(listener, self.router.clone(), async {
+            let _ = stopped.await;
+        }));
+        LiveServer {
+            base_url,
+            _stop: stop,
+        }
+    }
+
     /// A valid token for `user`, signed with the test secret.
     pub fn token(&self, user: &str) -> String {
         auth::mint(
@@ -241,7 +255,10 @@ impl TestApp {
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = if bytes.is_empty() {
+        let is_json = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        let json = if bytes.is_empty() || !is_json {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap_or_else(|_| {
@@ -314,6 +331,25 @@ fn build(store: Arc<dyn TaskStore>, verifier: Verifier, cors: &CorsOrigins) -> R
         },
         cors,
     )
+}
+
+/// A server running the app; it stops when this is dropped.
+pub struct LiveServer {
+    pub base_url: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A tool the tests need from outside Rust: present, or the test skips (and says so),
+/// except under CI, where it must be there.
+pub fn tool(path: std::path::PathBuf, install: &str) -> Option<std::path::PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
+        panic!("{} is missing under CI: {install}", path.display());
+    }
+    eprintln!("SKIPPED: {} is missing ({install})", path.display());
+    None
 }
 
 #[derive(Debug)]
