@@ -80,16 +80,25 @@ impl AuthConfig {
     }
 
     /// `iss`/`aud` rules for JWKS tokens: `JWT_ISSUER`/`JWT_AUDIENCE`, else Better Auth's
-    /// defaults, which are both its base URL (accepted with or without a trailing slash).
+    /// defaults. Better Auth uses the origin of its base URL (`new URL(baseURL).origin`:
+    /// scheme, lower-case host, port only when not the default); the URL as written, with
+    /// or without a trailing slash, is accepted too.
     pub fn jwks_rules(&self) -> ClaimRules {
-        let base: Vec<String> = self
-            .better_auth_url
-            .iter()
-            .flat_map(|url| {
-                let bare = url.trim_end_matches('/');
-                [bare.to_owned(), format!("{bare}/")]
-            })
-            .collect();
+        let mut base: Vec<String> = Vec::new();
+        if let Some(url) = &self.better_auth_url {
+            let bare = url.trim_end_matches('/');
+            let origin = Url::parse(url)
+                .ok()
+                .map(|u| u.origin().ascii_serialization());
+            for accepted in origin
+                .into_iter()
+                .chain([bare.to_owned(), format!("{bare}/")])
+            {
+                if !base.contains(&accepted) {
+                    base.push(accepted);
+                }
+            }
+        }
         ClaimRules {
             issuers: match &self.issuer {
                 Some(issuer) => vec![issuer.clone()],
@@ -388,6 +397,11 @@ mod tests {
                 audiences: both
             }
         );
+        // Better Auth signs with the origin of its base URL.
+        let c = load(&[("BETTER_AUTH_URL", "https://Auth.Example.com:443/api/auth")]).unwrap();
+        let issuers = c.auth.jwks_rules().issuers;
+        assert_eq!(issuers[0], "https://auth.example.com");
+        assert!(issuers.contains(&"https://Auth.Example.com:443/api/auth".to_owned()));
         // Shared-secret tokens are held only to what is set explicitly.
         assert_eq!(c.auth.secret_rules(), ClaimRules::default());
         let c = load(&[

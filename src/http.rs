@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Method, header};
+use axum::response::IntoResponse;
 use axum::{Json, Router};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
 use utoipa_axum::routes;
@@ -40,16 +42,32 @@ pub struct AppState {
 pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
     let (api, document) = tasks::router().routes(routes!(health)).split_for_parts();
     let document = openapi::ApiDoc::openapi().merge_from(document);
-    let mut router = api
+    let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .fallback(not_found);
+    with_service_layers(router, cors).with_state(state)
+}
+
+/// What every route passes through, innermost first: the body limit, panic catching,
+/// CORS, and the request context (request id, error body, headers, log line).
+fn with_service_layers<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    cors: &CorsOrigins,
+) -> Router<S> {
+    let mut router = router
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(panic_response));
     if let Some(cors) = cors_layer(cors) {
         router = router.layer(cors);
     }
-    router
-        .layer(axum::middleware::from_fn(middleware::request_context))
-        .with_state(state)
+    router.layer(axum::middleware::from_fn(middleware::request_context))
+}
+
+/// A panic is a bug: answer 500 `INTERNAL_ERROR` (rendered by the request context) rather
+/// than dropping the connection, and log it without its message, which could hold input.
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> axum::response::Response {
+    tracing::error!("request handler panicked");
+    axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
 
 /// Whether the service and its database answer.
@@ -104,4 +122,34 @@ fn cors_layer(origins: &CorsOrigins) -> Option<CorsLayer> {
             .expose_headers([header::LOCATION, X_REQUEST_ID.clone()])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::get;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_contract_500_that_reveals_nothing() {
+        async fn boom() -> &'static str {
+            panic!("secret detail")
+        }
+        let router: Router =
+            with_service_layers(Router::new().route("/boom", get(boom)), &CorsOrigins::None);
+        let request = axum::http::Request::get("/boom")
+            .body(Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error_code"], "INTERNAL_ERROR");
+        assert!(!String::from_utf8_lossy(&body).contains("secret detail"));
+    }
 }

@@ -125,13 +125,22 @@ pub fn parse_jwk(jwk: &Value) -> Result<(Option<String>, PublicKey), &'static st
     if !fits {
         return Err("key type does not fit its alg");
     }
+    // `jsonwebtoken` does not check the lengths of key material (a short Ed25519 `x`
+    // makes its verifier panic), so every fixed-size coordinate is checked here.
+    let coordinate = |name, len| {
+        field(name)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+            .filter(|bytes: &Vec<u8>| bytes.len() == len)
+            .ok_or("key coordinate of the wrong size")
+    };
+    match alg {
+        "EdDSA" => drop(coordinate("x", 32)?),
+        "ES256" => drop((coordinate("x", 32)?, coordinate("y", 32)?)),
+        "ES384" => drop((coordinate("x", 48)?, coordinate("y", 48)?)),
+        _ => {}
+    }
     let verifier = if alg == "ES512" {
-        let coordinate = |name| {
-            field(name)
-                .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-                .filter(|bytes| bytes.len() == 66)
-                .ok_or("bad P-521 coordinate")
-        };
+        let coordinate = |name| coordinate(name, 66);
         let mut point = vec![0x04];
         point.extend(coordinate("x")?);
         point.extend(coordinate("y")?);
@@ -234,7 +243,7 @@ impl JwksCache {
     }
 
     /// The key for a token's `kid`, refetching the set (rate-limited) when it is unknown.
-    pub async fn key(&self, kid: Option<&str>) -> Result<Arc<PublicKey>, KeyError> {
+    pub async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<PublicKey>, KeyError> {
         if let Some(key) = self.current().and_then(|set| set.find(kid)) {
             return Ok(key);
         }
@@ -248,7 +257,10 @@ impl JwksCache {
             last_refetch.is_none_or(|at| at.elapsed() >= self.settings.min_refetch_interval);
         if allowed {
             *last_refetch = Some(Instant::now());
-            self.fetch_and_store().await;
+            // In a task of its own: a client that goes away mid-request must not cancel
+            // the fetch it started and so use up the refetch window for nothing.
+            let cache = Arc::clone(self);
+            let _ = tokio::spawn(async move { cache.fetch_and_store().await }).await;
         }
         drop(last_refetch);
         match self.current() {
@@ -335,6 +347,17 @@ mod tests {
     fn alg_must_fit_the_key_type() {
         let ed = json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
         assert_eq!(parse_jwk(&ed).unwrap().1.alg(), "EdDSA");
+        let mut short = ed.clone();
+        short["x"] = json!("AAAA");
+        assert_eq!(
+            parse_jwk(&short).err(),
+            Some("key coordinate of the wrong size")
+        );
+        let p256_short = json!({"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA"});
+        assert_eq!(
+            parse_jwk(&p256_short).err(),
+            Some("key coordinate of the wrong size")
+        );
         let mut as_rsa = ed.clone();
         as_rsa["alg"] = json!("RS256");
         assert_eq!(

@@ -138,6 +138,8 @@ pub enum Mode {
     Garbage,
     Slow,
     Huge,
+    /// Answers after 300 ms.
+    Delayed,
 }
 
 /// A JWKS server the test controls, counting the fetches it answers.
@@ -177,6 +179,13 @@ impl JwksServer {
                         ),
                         Mode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "down".into()),
                         Mode::Garbage => (StatusCode::OK, "{\"keys\": [tru".into()),
+                        Mode::Delayed => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            (
+                                StatusCode::OK,
+                                json!({"keys": *keys.lock().unwrap()}).to_string(),
+                            )
+                        }
                         Mode::Huge => (
                             StatusCode::OK,
                             format!("{{\"keys\": [], \"pad\": \"{}\"}}", "x".repeat(300_000)),
@@ -355,6 +364,20 @@ async fn issuer_and_audience_default_to_better_auth_url() {
     list(&app, "alice", &key.sign(&expired))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "AUTH_INVALID");
+
+    // Better Auth signs with the origin of its base URL, even when that has a path.
+    let mut with_path = better_auth(&server.base_url, false);
+    with_path.better_auth_url = Some(format!(
+        "{}/api/auth/",
+        server.base_url.to_uppercase().replace("HTTP://", "http://")
+    ));
+    let app = app_for(with_path, fast()).await;
+    assert_eq!(
+        list(&app, "alice", &key.sign(&claims(&server, "alice")))
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -548,7 +571,10 @@ async fn a_flood_of_unknown_kids_costs_at_most_a_couple_of_fetches() {
 #[tokio::test]
 async fn hostile_tokens_never_reach_the_network_or_a_5xx() {
     let key = TestKey::generate("EdDSA", "k");
-    let server = JwksServer::start(vec![key.jwk()]).await;
+    // A malformed key beside the good one: skipped, never used (it would panic a verifier).
+    let short =
+        json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "short", "x": "AAAA"});
+    let server = JwksServer::start(vec![key.jwk(), short]).await;
     let app = app_for(better_auth(&server.base_url, false), fast()).await;
     let c = claims(&server, "u");
     let valid = key.sign(&c);
@@ -588,6 +614,9 @@ async fn hostile_tokens_never_reach_the_network_or_a_5xx() {
         reply.assert_error(StatusCode::UNAUTHORIZED, "AUTH_INVALID");
     }
     assert_eq!(server.fetches(), 1, "no hostile token caused a fetch");
+    let on_short = key.sign_with_header(&json!({"alg": "EdDSA", "kid": "short"}), &c);
+    let reply = list(&app, "u", &on_short).await;
+    reply.assert_error(StatusCode::UNAUTHORIZED, "AUTH_INVALID");
     // Valid signature, claims of the wrong types.
     for bad in [
         json!({"sub": 1, "exp": now() + 60}),
@@ -648,5 +677,31 @@ async fn an_oversized_jwks_is_refused() {
     list(&app, "u", &key.sign(&claims(&server, "u")))
         .await
         .assert_error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE");
+    assert_eq!(server.fetches(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_does_not_cancel_the_refetch_it_started() {
+    let key = TestKey::generate("EdDSA", "new");
+    let server = JwksServer::start(vec![key.jwk()]).await;
+    server.set_mode(Mode::Delayed);
+    // The production interval: a wasted refetch would lock the key out for 30 s.
+    let app = Arc::new(
+        app_for(
+            better_auth(&server.base_url, false),
+            JwksSettings::default(),
+        )
+        .await,
+    );
+    let token = key.sign(&claims(&server, "u"));
+    let gone = {
+        let (app, token) = (app.clone(), token.clone());
+        tokio::spawn(async move { list(&app, "u", &token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gone.abort();
+    // The fetch finishes regardless, and the key is there for the next request.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(list(&app, "u", &token).await.status, StatusCode::OK);
     assert_eq!(server.fetches(), 1);
 }
