@@ -71,6 +71,11 @@ impl Verifier {
         }
     }
 
+    /// JWKS fetches by outcome, when a JWKS is configured.
+    pub fn jwks_fetches(&self) -> Option<crate::metrics::FetchCounter> {
+        self.jwks.as_ref().map(|jwks| jwks.fetch_counter())
+    }
+
     /// Starts fetching the JWKS in the background (at once, then periodically).
     pub fn spawn_jwks_refresh(&self) {
         if let Some(jwks) = &self.jwks {

@@ -2,6 +2,7 @@
 //!
 //! Every bad setting stops start-up with one line naming it: see [`ConfigError`].
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
@@ -10,6 +11,7 @@ use url::Url;
 
 use crate::auth::claims::ClaimRules;
 use crate::storage::PoolSettings;
+use crate::tls::TlsFiles;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
 
@@ -123,6 +125,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub environment: Environment,
     pub pool: PoolSettings,
+    /// HTTPS served by the service itself (`TLS_CERT_FILE`, `TLS_KEY_FILE`).
+    pub tls: Option<TlsFiles>,
+    /// Where the Prometheus metrics are served (`METRICS_ADDR`); off when unset.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -213,6 +219,36 @@ impl Config {
             }
         };
 
+        let tls = match (get("TLS_CERT_FILE"), get("TLS_KEY_FILE")) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.trim().into(),
+                key: key.trim().into(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "TLS_KEY_FILE",
+                    "must be set with TLS_CERT_FILE",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "TLS_CERT_FILE",
+                    "must be set with TLS_KEY_FILE",
+                ));
+            }
+        };
+        let metrics_addr = get("METRICS_ADDR")
+            .map(|v| {
+                v.trim().parse().map_err(|_| {
+                    ConfigError::new(
+                        "METRICS_ADDR",
+                        format!("expected an address like 127.0.0.1:9100, got {v:?}"),
+                    )
+                })
+            })
+            .transpose()?;
+
         Ok(Self {
             database_url: database_url.into(),
             host,
@@ -222,6 +258,8 @@ impl Config {
             log_format,
             environment,
             pool,
+            tls,
+            metrics_addr,
         })
     }
 }
@@ -313,6 +351,25 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Pretty);
         assert_eq!(c.cors_origins, CorsOrigins::None);
         assert!(!c.auth.has_key());
+        assert_eq!((c.tls, c.metrics_addr), (None, None));
+    }
+
+    #[test]
+    fn tls_and_metrics_settings() {
+        let c = load(&[
+            ("TLS_CERT_FILE", "/etc/tls/cert.pem"),
+            ("TLS_KEY_FILE", "/etc/tls/key.pem"),
+            ("METRICS_ADDR", "127.0.0.1:9100"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tls,
+            Some(TlsFiles {
+                cert: "/etc/tls/cert.pem".into(),
+                key: "/etc/tls/key.pem".into()
+            })
+        );
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
     }
 
     #[test]
@@ -330,6 +387,9 @@ mod tests {
             ),
             (vec![("BETTER_AUTH_URL", "ftp://x")], "BETTER_AUTH_URL"),
             (vec![("JWKS_URL", "nope")], "JWKS_URL"),
+            (vec![("TLS_CERT_FILE", "cert.pem")], "TLS_KEY_FILE"),
+            (vec![("TLS_KEY_FILE", "key.pem")], "TLS_CERT_FILE"),
+            (vec![("METRICS_ADDR", "9100")], "METRICS_ADDR"),
             (
                 vec![("DATABASE_MAX_CONNECTIONS", "0")],
                 "DATABASE_MAX_CONNECTIONS",

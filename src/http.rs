@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa::OpenApi;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
@@ -16,6 +17,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::auth::Verifier;
 use crate::config::CorsOrigins;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::storage::TaskStore;
 
 pub mod extract;
@@ -35,6 +37,19 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub store: Arc<dyn TaskStore>,
     pub verifier: Arc<Verifier>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The state for a store and a verifier, with metrics over both.
+    pub fn new(store: Arc<dyn TaskStore>, verifier: Verifier) -> Self {
+        let metrics = Metrics::new(Some(store.clone()), verifier.jwks_fetches());
+        Self {
+            store,
+            verifier: Arc::new(verifier),
+            metrics: Arc::new(metrics),
+        }
+    }
 }
 
 /// The whole service as one router: the API, its OpenAPI document at `/openapi.json`
@@ -45,7 +60,7 @@ pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
     let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found);
-    with_service_layers(router, cors).with_state(state)
+    with_service_layers(router, cors, state.metrics.clone()).with_state(state)
 }
 
 /// What every route passes through, innermost first: the body limit, panic catching,
@@ -53,6 +68,7 @@ pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
 fn with_service_layers<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
     cors: &CorsOrigins,
+    metrics: Arc<Metrics>,
 ) -> Router<S> {
     let mut router = router
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -60,7 +76,18 @@ fn with_service_layers<S: Clone + Send + Sync + 'static>(
     if let Some(cors) = cors_layer(cors) {
         router = router.layer(cors);
     }
-    router.layer(axum::middleware::from_fn(middleware::request_context))
+    router.layer(axum::middleware::from_fn_with_state(
+        metrics,
+        middleware::request_context,
+    ))
+}
+
+/// `Strict-Transport-Security` on every response, for a service that serves HTTPS itself.
+pub fn with_hsts(router: Router) -> Router {
+    router.layer(SetResponseHeaderLayer::overriding(
+        header::STRICT_TRANSPORT_SECURITY,
+        axum::http::HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    ))
 }
 
 /// A panic is a bug: answer 500 `INTERNAL_ERROR` (rendered by the request context) rather
@@ -137,8 +164,11 @@ mod tests {
         async fn boom() -> &'static str {
             panic!("secret detail")
         }
-        let router: Router =
-            with_service_layers(Router::new().route("/boom", get(boom)), &CorsOrigins::None);
+        let router: Router = with_service_layers(
+            Router::new().route("/boom", get(boom)),
+            &CorsOrigins::None,
+            Arc::new(Metrics::new(None, None)),
+        );
         let request = axum::http::Request::get("/boom")
             .body(Body::empty())
             .unwrap();

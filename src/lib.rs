@@ -5,7 +5,6 @@
 //! drive the same code.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,9 +15,11 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod storage;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 
 use config::Config;
 
@@ -41,6 +42,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Some(secret)
     };
 
+    let tls = config
+        .tls
+        .clone()
+        .map(tls::Tls::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let store = storage::connect(config.database_url.expose_secret(), &config.pool)
         .await
         .context("DATABASE_URL: cannot open the database")?;
@@ -53,27 +60,58 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             )
         })?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, database = store.backend(), "listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%address, scheme, database = store.backend(), "listening");
 
     if let Some(secret) = &development_secret {
-        print_development_banner(secret, &config, &address.to_string())?;
+        print_development_banner(secret, &config, &format!("{scheme}://{address}"))?;
     }
 
     let verifier = auth::Verifier::new(&config.auth);
     // Until the first fetch succeeds, JWKS-signed tokens get 503; /health is unaffected.
     verifier.spawn_jwks_refresh();
-    let state = http::AppState {
-        store,
-        verifier: Arc::new(verifier),
-    };
-    serve(
-        listener,
-        http::app(state, &config.cors_origins),
-        shutdown_signal(),
-    )
-    .await?;
+    let state = http::AppState::new(store, verifier);
+
+    if let Some(metrics_addr) = config.metrics_addr {
+        let metrics_listener = TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("METRICS_ADDR: cannot listen on {metrics_addr}"))?;
+        tracing::info!(address = %metrics_addr, "metrics at /metrics");
+        let metrics = metrics::router(state.metrics.clone());
+        tokio::spawn(async move { axum::serve(metrics_listener, metrics).await });
+    }
+
+    let app = http::app(state, &config.cors_origins);
+    match tls {
+        Some(tls) => {
+            tls.spawn_reloader(tls::RELOAD_CHECK_INTERVAL);
+            serve_tls(listener, http::with_hsts(app), &tls, shutdown_signal()).await?;
+        }
+        None => serve(listener, app, shutdown_signal()).await?,
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves HTTPS until `shutdown` resolves, then lets requests in flight finish for up to
+/// [`SHUTDOWN_GRACE`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: &tls::Tls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        stopper.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls_config())?
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
 }
 
 /// Serves until `shutdown` resolves, then lets requests in flight finish for up to
@@ -132,13 +170,12 @@ pub async fn shutdown_signal() {
 fn print_development_banner(
     secret: &SecretString,
     config: &Config,
-    address: &str,
+    base: &str,
 ) -> anyhow::Result<()> {
     tracing::warn!(
         "DEVELOPMENT MODE: no JWT_SECRET, BETTER_AUTH_SECRET or BETTER_AUTH_URL set; tokens are signed with a random secret made for this run"
     );
     let token = auth::mint(secret, &config.auth, DEV_USER, DEV_TOKEN_TTL)?;
-    let base = format!("http://{address}");
     println!(
         "
 ==============================================================================

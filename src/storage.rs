@@ -60,6 +60,17 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// `"postgres"` or `"sqlite"`.
     fn backend(&self) -> &'static str;
+    /// Open and idle connections, now.
+    fn pool_status(&self) -> PoolStatus;
+    /// How long requests waited for a connection (shared with the metrics registry).
+    fn acquire_wait(&self) -> prometheus_client::metrics::histogram::Histogram;
+}
+
+/// A snapshot of the connection pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStatus {
+    pub size: u32,
+    pub idle: usize,
 }
 
 /// Tuning for the connection pool.

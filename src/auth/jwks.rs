@@ -23,6 +23,8 @@ use p521::ecdsa::signature::Verifier as _;
 use serde_json::Value;
 use url::Url;
 
+use crate::metrics::{FetchCounter, OutcomeLabels};
+
 /// Timing of fetches.
 #[derive(Debug, Clone)]
 pub struct JwksSettings {
@@ -215,6 +217,8 @@ pub struct JwksCache {
     /// Held while fetching, so that one fetch serves everyone waiting; holds the time of
     /// the last refetch an unknown `kid` caused.
     refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches by outcome, for the metrics.
+    fetches: FetchCounter,
 }
 
 impl JwksCache {
@@ -232,7 +236,12 @@ impl JwksCache {
             settings,
             keys: RwLock::new(None),
             refetch: tokio::sync::Mutex::new(None),
+            fetches: FetchCounter::default(),
         }
+    }
+
+    pub fn fetch_counter(&self) -> FetchCounter {
+        self.fetches.clone()
     }
 
     fn current(&self) -> Option<Arc<KeySet>> {
@@ -276,7 +285,10 @@ impl JwksCache {
     }
 
     async fn fetch_and_store(&self) -> bool {
-        match self.fetch().await {
+        let result = self.fetch().await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.fetches.get_or_create(&OutcomeLabels { outcome }).inc();
+        match result {
             Ok(set) => {
                 tracing::info!(url = %self.url, keys = set.len(), "JWKS: fetched");
                 *self

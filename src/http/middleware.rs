@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -12,30 +14,36 @@ use tracing::Instrument;
 
 use super::X_REQUEST_ID;
 use crate::error::ErrorReport;
+use crate::metrics::Metrics;
 
 /// Longest client-supplied request id that is echoed; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-pub async fn request_context(req: Request, next: Next) -> Response {
+pub async fn request_context(
+    State(metrics): State<Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let request_id = client_request_id(req.headers())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // The route template, never the concrete path: it holds user ids.
     let route = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let span = tracing::info_span!(
         "request",
-        method = %req.method(),
-        route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+        method = %method,
+        route,
         request_id = %request_id,
         user_id = tracing::field::Empty,
     );
 
     let mut response = next.run(req).instrument(span.clone()).await;
 
-    if response.status().is_client_error() || response.status().is_server_error() {
-        render_error(&mut response, &request_id);
-    }
+    let error_code = (response.status().is_client_error() || response.status().is_server_error())
+        .then(|| render_error(&mut response, &request_id));
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         headers.insert(X_REQUEST_ID.clone(), value);
@@ -48,14 +56,17 @@ pub async fn request_context(req: Request, next: Next) -> Response {
     );
 
     let status = response.status().as_u16();
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics.observe(method.as_str(), route, status, seconds, error_code);
+    let duration_ms = seconds * 1000.0;
     span.in_scope(|| tracing::info!(status, duration_ms, "request"));
     response
 }
 
 /// Writes the contract's error JSON, for our errors (which carry an [`ErrorReport`]) and
-/// for the framework's own (405, …), keeping their headers such as `Allow`.
-fn render_error(response: &mut Response, request_id: &str) {
+/// for the framework's own (405, …), keeping their headers such as `Allow`. Returns the
+/// error code.
+fn render_error(response: &mut Response, request_id: &str) -> &'static str {
     let report = response
         .extensions_mut()
         .remove::<ErrorReport>()
@@ -68,6 +79,7 @@ fn render_error(response: &mut Response, request_id: &str) {
     );
     headers.remove(header::CONTENT_LENGTH);
     *response.body_mut() = Body::from(body);
+    report.code
 }
 
 /// A client's `X-Request-Id`, if it is safe to echo and log: 1–128 visible ASCII characters.

@@ -1,12 +1,17 @@
 //! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
 
 use std::str::FromStr;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use prometheus_client::metrics::histogram::Histogram;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use super::{PoolSettings, StoreError, TaskStore, missing};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
+use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
 #[derive(sqlx::FromRow)]
@@ -37,6 +42,7 @@ impl From<TaskRow> for Task {
 #[derive(Clone)]
 pub struct PgTaskStore {
     pool: PgPool,
+    acquire_wait: Histogram,
 }
 
 impl PgTaskStore {
@@ -57,31 +63,41 @@ impl PgTaskStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            acquire_wait: wait_histogram(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    async fn owner_of(&self, id: i64) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
+    /// A pooled connection, timing the wait for it.
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let started = Instant::now();
+        let conn = self.pool.acquire().await;
+        self.acquire_wait.observe(started.elapsed().as_secs_f64());
+        conn
     }
+}
 
-    async fn explain_missing(&self, id: i64) -> StoreError {
-        match self.owner_of(id).await {
-            Ok(owner) => missing(owner),
-            Err(e) => StoreError::Database(e),
-        }
+/// Tells 404 from 403 after a statement scoped to the owner matched no row.
+async fn explain_missing(conn: &mut PgConnection, id: i64) -> StoreError {
+    let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await;
+    match owner {
+        Ok(owner) => missing(owner),
+        Err(e) => StoreError::Database(e),
     }
 }
 
 #[async_trait]
 impl TaskStore for PgTaskStore {
     async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
+        let mut conn = self.conn().await?;
         // `LIMIT NULL` is `LIMIT ALL`.
         let rows: Vec<TaskRow> = sqlx::query_as(
             "SELECT id, user_id, title, description, complete, created_at, updated_at
@@ -93,7 +109,7 @@ impl TaskStore for PgTaskStore {
         .bind(filter.complete)
         .bind(filter.limit)
         .bind(filter.offset)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
@@ -104,6 +120,7 @@ impl TaskStore for PgTaskStore {
         task: &NewTask,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: TaskRow = sqlx::query_as(
             "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
              VALUES ($1, $2, $3, false, $4, $4)
@@ -113,12 +130,13 @@ impl TaskStore for PgTaskStore {
         .bind(task.title.as_str())
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
         Ok(row.into())
     }
 
     async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         // One statement either way: the owner is compared here, and another user's row is
         // dropped before it can reach a response.
         let row: Option<TaskRow> = sqlx::query_as(
@@ -126,7 +144,7 @@ impl TaskStore for PgTaskStore {
              FROM tasks WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) if row.user_id == user_id => Ok(row.into()),
@@ -142,6 +160,7 @@ impl TaskStore for PgTaskStore {
         task: &TaskReplace,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: Option<TaskRow> = sqlx::query_as(
             "UPDATE tasks
              SET title = $3, description = $4, complete = $5,
@@ -155,11 +174,11 @@ impl TaskStore for PgTaskStore {
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(task.complete)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) => Ok(row.into()),
-            None => Err(self.explain_missing(id).await),
+            None => Err(explain_missing(&mut conn, id).await),
         }
     }
 
@@ -170,6 +189,7 @@ impl TaskStore for PgTaskStore {
         patch: &TaskPatch,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         // `title` and `complete` cannot be NULL, so NULL means "unchanged"; `description`
         // can, so a flag says whether to set it.
         let row: Option<TaskRow> = sqlx::query_as(
@@ -193,32 +213,45 @@ impl TaskStore for PgTaskStore {
         )
         .bind(patch.complete)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) => Ok(row.into()),
-            None => Err(self.explain_missing(id).await),
+            None => Err(explain_missing(&mut conn, id).await),
         }
     }
 
     async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
         let done = sqlx::query("DELETE FROM tasks WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(self.explain_missing(id).await);
+            return Err(explain_missing(&mut conn, id).await);
         }
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        let mut conn = self.conn().await?;
+        sqlx::query("SELECT 1").execute(&mut *conn).await?;
         Ok(())
     }
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
+    }
+
+    fn acquire_wait(&self) -> Histogram {
+        self.acquire_wait.clone()
     }
 }

@@ -1,15 +1,20 @@
 //! Embedded SQLite task store: the zero-configuration default.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::histogram::Histogram;
+use sqlx::Sqlite;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 
-use super::{PoolSettings, StoreError, TaskStore, missing};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
+use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
 /// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
@@ -47,6 +52,7 @@ fn from_micros(micros: i64) -> DateTime<Utc> {
 #[derive(Clone)]
 pub struct SqliteTaskStore {
     pool: SqlitePool,
+    acquire_wait: Histogram,
 }
 
 impl SqliteTaskStore {
@@ -73,28 +79,41 @@ impl SqliteTaskStore {
         };
         let pool = pool.connect_with(options).await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            acquire_wait: wait_histogram(),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
-    async fn explain_missing(&self, id: i64) -> StoreError {
-        let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await;
-        match owner {
-            Ok(owner) => missing(owner),
-            Err(e) => StoreError::Database(e),
-        }
+    /// A pooled connection, timing the wait for it.
+    async fn conn(&self) -> Result<PoolConnection<Sqlite>, sqlx::Error> {
+        let started = Instant::now();
+        let conn = self.pool.acquire().await;
+        self.acquire_wait.observe(started.elapsed().as_secs_f64());
+        conn
+    }
+}
+
+/// Tells 404 from 403 after a statement scoped to the owner matched no row.
+async fn explain_missing(conn: &mut SqliteConnection, id: i64) -> StoreError {
+    let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await;
+    match owner {
+        Ok(owner) => missing(owner),
+        Err(e) => StoreError::Database(e),
     }
 }
 
 #[async_trait]
 impl TaskStore for SqliteTaskStore {
     async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
+        let mut conn = self.conn().await?;
         // `LIMIT -1` is no limit.
         let rows: Vec<TaskRow> = sqlx::query_as(
             "SELECT id, user_id, title, description, complete, created_at, updated_at
@@ -106,7 +125,7 @@ impl TaskStore for SqliteTaskStore {
         .bind(filter.complete)
         .bind(filter.limit.unwrap_or(-1))
         .bind(filter.offset)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
@@ -117,6 +136,7 @@ impl TaskStore for SqliteTaskStore {
         task: &NewTask,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: TaskRow = sqlx::query_as(
             "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
              VALUES (?1, ?2, ?3, 0, ?4, ?4)
@@ -126,18 +146,19 @@ impl TaskStore for SqliteTaskStore {
         .bind(task.title.as_str())
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(now.timestamp_micros())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
         Ok(row.into())
     }
 
     async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: Option<TaskRow> = sqlx::query_as(
             "SELECT id, user_id, title, description, complete, created_at, updated_at
              FROM tasks WHERE id = ?1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) if row.user_id == user_id => Ok(row.into()),
@@ -153,6 +174,7 @@ impl TaskStore for SqliteTaskStore {
         task: &TaskReplace,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: Option<TaskRow> = sqlx::query_as(
             "UPDATE tasks
              SET title = ?3, description = ?4, complete = ?5,
@@ -166,11 +188,11 @@ impl TaskStore for SqliteTaskStore {
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(task.complete)
         .bind(now.timestamp_micros())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) => Ok(row.into()),
-            None => Err(self.explain_missing(id).await),
+            None => Err(explain_missing(&mut conn, id).await),
         }
     }
 
@@ -181,6 +203,7 @@ impl TaskStore for SqliteTaskStore {
         patch: &TaskPatch,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
+        let mut conn = self.conn().await?;
         let row: Option<TaskRow> = sqlx::query_as(
             "UPDATE tasks
              SET title = coalesce(?3, title),
@@ -202,32 +225,45 @@ impl TaskStore for SqliteTaskStore {
         )
         .bind(patch.complete)
         .bind(now.timestamp_micros())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         match row {
             Some(row) => Ok(row.into()),
-            None => Err(self.explain_missing(id).await),
+            None => Err(explain_missing(&mut conn, id).await),
         }
     }
 
     async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
         let done = sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
             .bind(id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(self.explain_missing(id).await);
+            return Err(explain_missing(&mut conn, id).await);
         }
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        let mut conn = self.conn().await?;
+        sqlx::query("SELECT 1").execute(&mut *conn).await?;
         Ok(())
     }
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
+    }
+
+    fn acquire_wait(&self) -> Histogram {
+        self.acquire_wait.clone()
     }
 }

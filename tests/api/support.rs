@@ -16,6 +16,7 @@ use sqlx::{Connection, PgConnection};
 use task_api::auth::{self, Verifier};
 use task_api::config::{AuthConfig, CorsOrigins};
 use task_api::http::{AppState, app};
+use task_api::metrics::Metrics;
 use task_api::storage::{PgTaskStore, PoolSettings, SqliteTaskStore, TaskStore};
 use tower::ServiceExt;
 
@@ -35,6 +36,7 @@ pub enum Db {
 
 pub struct TestApp {
     pub router: Router,
+    pub metrics: Arc<Metrics>,
     pub auth: AuthConfig,
     pub db: Db,
 }
@@ -142,9 +144,10 @@ impl TestApp {
         let store = SqliteTaskStore::connect(&url, &pool_settings())
             .await
             .unwrap();
-        let router = build(Arc::new(store.clone()), verifier, &cors);
+        let (router, metrics) = build(Arc::new(store.clone()), verifier, &cors);
         Self {
             router,
+            metrics,
             auth,
             db: Db::Sqlite { store, _dir: dir },
         }
@@ -164,9 +167,10 @@ impl TestApp {
         let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
             .await
             .unwrap();
-        let router = build(Arc::new(store.clone()), Verifier::new(&auth), &cors);
+        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), &cors);
         Some(Self {
             router,
+            metrics,
             auth,
             db: Db::Postgres {
                 store,
@@ -178,13 +182,14 @@ impl TestApp {
     /// An app over a store already opened in `schema`.
     pub async fn from_store(store: PgTaskStore, schema: PgSchema) -> Self {
         let auth = auth_config();
-        let router = build(
+        let (router, metrics) = build(
             Arc::new(store.clone()),
             Verifier::new(&auth),
             &CorsOrigins::None,
         );
         Self {
             router,
+            metrics,
             auth,
             db: Db::Postgres {
                 store,
@@ -323,14 +328,14 @@ impl TestApp {
     }
 }
 
-fn build(store: Arc<dyn TaskStore>, verifier: Verifier, cors: &CorsOrigins) -> Router {
-    app(
-        AppState {
-            store,
-            verifier: Arc::new(verifier),
-        },
-        cors,
-    )
+fn build(
+    store: Arc<dyn TaskStore>,
+    verifier: Verifier,
+    cors: &CorsOrigins,
+) -> (Router, Arc<Metrics>) {
+    let state = AppState::new(store, verifier);
+    let metrics = state.metrics.clone();
+    (app(state, cors), metrics)
 }
 
 /// A server running the app; it stops when this is dropped.

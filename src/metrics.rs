@@ -1,0 +1,195 @@
+//! Prometheus metrics, served on their own listener (`METRICS_ADDR`) so that they are
+//! never exposed on the public port by accident.
+//!
+//! Labels are route templates, methods, statuses and error codes only — never a user id
+//! or task id, which would make the number of series unbounded. The registry belongs to
+//! the app (no global recorder), so every app, and every test, counts only its own.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::storage::TaskStore;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// JWKS fetches by outcome (`ok`, `error`).
+pub type FetchCounter = Family<OutcomeLabels, Counter>;
+
+/// Request latency buckets: 0.5 ms to about 8 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+/// Connection-pool wait buckets: 0.1 ms to about 3 s.
+pub fn wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    errors: Family<ErrorLabels, Counter>,
+    pool_size: Gauge,
+    pool_idle: Gauge,
+    store: Option<Arc<dyn TaskStore>>,
+}
+
+impl Metrics {
+    /// Metrics of the HTTP layer, plus the store's pool and the JWKS fetches when given.
+    pub fn new(store: Option<Arc<dyn TaskStore>>, jwks_fetches: Option<FetchCounter>) -> Self {
+        let mut registry = Registry::with_prefix("task_api");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            requests.clone(),
+        );
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by method and route template",
+            latency.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "http_errors",
+            "Error responses by the contract's error_code",
+            errors.clone(),
+        );
+        let (pool_size, pool_idle) = (Gauge::default(), Gauge::default());
+        if let Some(store) = &store {
+            registry.register(
+                "db_pool_connections",
+                "Open database connections",
+                pool_size.clone(),
+            );
+            registry.register(
+                "db_pool_idle_connections",
+                "Idle database connections",
+                pool_idle.clone(),
+            );
+            registry.register(
+                "db_pool_acquire_wait_seconds",
+                "Time requests waited for a database connection",
+                store.acquire_wait(),
+            );
+        }
+        if let Some(fetches) = jwks_fetches {
+            registry.register("jwks_fetches", "JWKS fetches by outcome", fetches);
+        }
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version", build);
+        Self {
+            registry,
+            requests,
+            latency,
+            errors,
+            pool_size,
+            pool_idle,
+            store,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn observe(
+        &self,
+        method: &str,
+        route: &str,
+        status: u16,
+        seconds: f64,
+        error_code: Option<&'static str>,
+    ) {
+        let (method, route) = (method.to_owned(), route.to_owned());
+        self.latency
+            .get_or_create(&RouteLabels {
+                method: method.clone(),
+                route: route.clone(),
+            })
+            .observe(seconds);
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                route,
+                status,
+            })
+            .inc();
+        if let Some(error_code) = error_code {
+            self.errors.get_or_create(&ErrorLabels { error_code }).inc();
+        }
+    }
+
+    /// The OpenMetrics text exposition, with the pool gauges read now.
+    pub fn render(&self) -> String {
+        if let Some(store) = &self.store {
+            let pool = store.pool_status();
+            self.pool_size.set(i64::from(pool.size));
+            self.pool_idle.set(pool.idle as i64);
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The metrics listener's router: `GET /metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics)
+}
+
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
