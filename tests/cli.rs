@@ -76,6 +76,7 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
         ("LOG_FORMAT", "xml", 2),
         ("APP_ENV", "production", 2),
         ("CORS_ORIGINS", "nope", 2),
+        ("METRICS_ADDR", "everywhere", 2),
         // Reachable only at start-up: nothing listens on port 1.
         ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/db", 1),
     ] {
@@ -221,4 +222,124 @@ async fn starts_while_the_jwks_is_unreachable() {
     let response = http_get(&address, "/api/u/tasks", &token).await;
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(response.contains("SERVICE_UNAVAILABLE"), "{response}");
+}
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for the JSON log line announcing `message`.
+async fn wait_for_log(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    message: &str,
+) {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("log line in time")
+            .unwrap()
+            .expect("output before exit");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if event["fields"]["message"] == message {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn serves_https_and_metrics_on_their_own_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("key.pem"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut child = tokio::process::Command::from({
+        let mut c = task_api(dir.path());
+        c.env("PORT", port.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("JWT_SECRET", "cli-test-secret")
+            .env("TLS_CERT_FILE", dir.path().join("cert.pem"))
+            .env("TLS_KEY_FILE", dir.path().join("key.pem"))
+            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"));
+        c
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    wait_for_log(&mut lines, "listening").await;
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap(),
+        )
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let health = client
+        .get(format!("https://localhost:{port}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().contains_key("strict-transport-security"));
+    // Metrics are not on the public port…
+    let public = client
+        .get(format!("https://localhost:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    // …but on their own listener, counting what was served.
+    let scrape = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scrape.contains(
+            r#"task_api_http_requests_total{method="GET",route="/health",status="200"} 1"#
+        ),
+        "{scrape}"
+    );
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_missing_certificate_stops_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(task_api(dir.path())
+        .env("JWT_SECRET", "s")
+        .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
+        .env("TLS_KEY_FILE", "/nonexistent/key.pem"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("TLS_CERT_FILE"), "{stderr}");
 }
