@@ -3,7 +3,6 @@
 //! Every bad setting stops start-up with one line naming it: see [`ConfigError`].
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::http::HeaderValue;
 use secrecy::SecretString;
@@ -129,7 +128,13 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where the Prometheus metrics are served (`METRICS_ADDR`); off when unset.
     pub metrics_addr: Option<SocketAddr>,
+    /// Requests handled at once; the excess gets 503 at once (`MAX_CONCURRENT_REQUESTS`).
+    pub max_concurrent_requests: usize,
 }
+
+/// Enough to keep the database pool busy several times over, few enough that waiting
+/// requests cannot pile up without bound.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -185,7 +190,19 @@ impl Config {
         };
         let pool = PoolSettings {
             max_connections,
-            acquire_timeout: Duration::from_secs(5),
+            ..PoolSettings::default()
+        };
+        let max_concurrent_requests = match get("MAX_CONCURRENT_REQUESTS") {
+            None => DEFAULT_MAX_CONCURRENT_REQUESTS,
+            Some(n) => match n.trim().parse::<usize>() {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        "MAX_CONCURRENT_REQUESTS",
+                        format!("expected a number from 1 to 100000, got {n:?}"),
+                    ));
+                }
+            },
         };
 
         let auth = auth_config(&get)?;
@@ -260,6 +277,7 @@ impl Config {
             pool,
             tls,
             metrics_addr,
+            max_concurrent_requests,
         })
     }
 }
@@ -390,6 +408,7 @@ mod tests {
             (vec![("TLS_CERT_FILE", "cert.pem")], "TLS_KEY_FILE"),
             (vec![("TLS_KEY_FILE", "key.pem")], "TLS_CERT_FILE"),
             (vec![("METRICS_ADDR", "9100")], "METRICS_ADDR"),
+            (vec![("MAX_CONCURRENT_REQUESTS", "0")], "MAX_CONCURRENT_REQUESTS"),
             (
                 vec![("DATABASE_MAX_CONNECTIONS", "0")],
                 "DATABASE_MAX_CONNECTIONS",

@@ -80,6 +80,9 @@ pub enum ApiError {
     /// 500: the database failed or is unreachable. The cause is logged, never shown.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// 500: the database did not answer within the deadline.
+    #[error("database deadline exceeded")]
+    DatabaseTimeout,
     /// 503: the service cannot take the request in time (health check, load shedding).
     #[error("{0}")]
     Unavailable(&'static str),
@@ -97,6 +100,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => Self::NotFound("Task not found"),
             StoreError::NotOwner => Self::Forbidden,
             StoreError::Database(e) => Self::Database(e),
+            StoreError::Timeout => Self::DatabaseTimeout,
         }
     }
 }
@@ -220,6 +224,13 @@ impl IntoResponse for ApiError {
             Self::Database(error) => {
                 // The cause goes to the log (inside the request's span), never to the client.
                 tracing::error!(error = %error, "database error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorReport::message("DATABASE_ERROR", "The database is unavailable"),
+                )
+            }
+            Self::DatabaseTimeout => {
+                tracing::error!("database error: no answer within the deadline");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorReport::message("DATABASE_ERROR", "The database is unavailable"),

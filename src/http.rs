@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Method, header};
+use axum::error_handling::HandleErrorLayer;
 use axum::response::IntoResponse;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -28,7 +31,7 @@ mod tasks;
 /// Largest accepted request body (contract: over 64 KiB → 413).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// `/health` answers within this time even when the database does not.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -52,28 +55,54 @@ impl AppState {
     }
 }
 
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub cors: CorsOrigins,
+    /// Requests handled at once; the excess is answered 503 at once, never queued.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            cors: CorsOrigins::None,
+            max_concurrent_requests: crate::config::DEFAULT_MAX_CONCURRENT_REQUESTS,
+        }
+    }
+}
+
 /// The whole service as one router: the API, its OpenAPI document at `/openapi.json`
 /// and Swagger UI at `/docs` (assets served from the binary).
-pub fn app(state: AppState, cors: &CorsOrigins) -> Router {
+pub fn app(state: AppState, options: &HttpOptions) -> Router {
     let (api, document) = tasks::router().routes(routes!(health)).split_for_parts();
     let document = openapi::ApiDoc::openapi().merge_from(document);
     let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found);
-    with_service_layers(router, cors, state.metrics.clone()).with_state(state)
+    with_service_layers(router, options, state.metrics.clone()).with_state(state)
 }
 
 /// What every route passes through, innermost first: the body limit, panic catching,
-/// CORS, and the request context (request id, error body, headers, log line).
+/// the concurrency cap, CORS, and the request context (request id, error body, headers,
+/// log line, metrics).
 fn with_service_layers<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
-    cors: &CorsOrigins,
+    options: &HttpOptions,
     metrics: Arc<Metrics>,
 ) -> Router<S> {
+    // One semaphore for the whole service (`Router::layer` wraps each route on its own).
+    let overload = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::Unavailable("The service is busy; retry shortly")
+        }))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::new(options.max_concurrent_requests));
     let mut router = router
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(CatchPanicLayer::custom(panic_response));
-    if let Some(cors) = cors_layer(cors) {
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(overload);
+    if let Some(cors) = cors_layer(&options.cors) {
         router = router.layer(cors);
     }
     router.layer(axum::middleware::from_fn_with_state(
@@ -166,7 +195,7 @@ mod tests {
         }
         let router: Router = with_service_layers(
             Router::new().route("/boom", get(boom)),
-            &CorsOrigins::None,
+            &HttpOptions::default(),
             Arc::new(Metrics::new(None, None)),
         );
         let request = axum::http::Request::get("/boom")

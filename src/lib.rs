@@ -81,7 +81,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move { axum::serve(metrics_listener, metrics).await });
     }
 
-    let app = http::app(state, &config.cors_origins);
+    let options = http::HttpOptions {
+        cors: config.cors_origins.clone(),
+        max_concurrent_requests: config.max_concurrent_requests,
+    };
+    let app = http::app(state, &options);
     match tls {
         Some(tls) => {
             tls.spawn_reloader(tls::RELOAD_CHECK_INTERVAL);

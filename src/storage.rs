@@ -6,6 +6,7 @@
 //! else's task" (403).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -26,6 +27,8 @@ pub enum StoreError {
     NotOwner,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    #[error("the database did not answer within {CALL_DEADLINE:?}")]
+    Timeout,
 }
 
 /// Storage of tasks. `now` is passed in so that every backend stamps the same instant;
@@ -77,16 +80,34 @@ pub struct PoolStatus {
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub max_connections: u32,
-    pub acquire_timeout: std::time::Duration,
+    /// How long a request waits for a free connection.
+    pub acquire_timeout: Duration,
+    /// The server cancels a statement that runs longer (PostgreSQL `statement_timeout`),
+    /// so a stuck query cannot hold a connection.
+    pub statement_timeout: Duration,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
             max_connections: 10,
-            acquire_timeout: std::time::Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_millis(1500),
         }
     }
+}
+
+/// The longest any one database call may take, waiting for a connection included:
+/// past it the request gets 500 `DATABASE_ERROR` (contract: answered within 2 s).
+pub const CALL_DEADLINE: Duration = Duration::from_millis(1500);
+
+/// Runs a store call under [`CALL_DEADLINE`].
+pub async fn within_deadline<T>(
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout))
 }
 
 /// Opens the store a `DATABASE_URL` names and brings its schema up to date.

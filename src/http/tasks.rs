@@ -14,7 +14,7 @@ use super::openapi::{
     AccessErrors, BodyErrors, Invalid, NewTaskBody, PatchTaskBody, ReplaceTaskBody, TaskNotFound,
 };
 use crate::error::ApiError;
-use crate::storage;
+use crate::storage::{self, within_deadline};
 use crate::tasks::{NewTask, Task, TaskList, TaskPatch, TaskReplace};
 
 /// The task routes, each registered with its OpenAPI description.
@@ -41,7 +41,7 @@ async fn list(
     Owner(user): Owner,
     ListQuery(filter): ListQuery,
 ) -> Result<Json<TaskList>, ApiError> {
-    Ok(Json(app.store.list(&user, &filter).await?.into()))
+    Ok(Json(within_deadline(app.store.list(&user, &filter)).await?.into()))
 }
 
 /// Create a task.
@@ -59,7 +59,7 @@ async fn create(
     JsonObject(body): JsonObject,
 ) -> Result<impl IntoResponse, ApiError> {
     let new = NewTask::from_json(body)?;
-    let task = app.store.create(&user, &new, storage::now()).await?;
+    let task = within_deadline(app.store.create(&user, &new, storage::now())).await?;
     let location = [(header::LOCATION, location(&task))];
     Ok((StatusCode::CREATED, location, Json(task)))
 }
@@ -74,7 +74,7 @@ async fn show(
     Owner(user): Owner,
     TaskId(id): TaskId,
 ) -> Result<Json<Task>, ApiError> {
-    Ok(Json(app.store.get(&user, id).await?))
+    Ok(Json(within_deadline(app.store.get(&user, id)).await?))
 }
 
 /// Replace a task: `title` and `complete` are required, a missing `description` becomes null.
@@ -92,9 +92,7 @@ async fn replace(
 ) -> Result<Json<Task>, ApiError> {
     let replacement = TaskReplace::from_json(body)?;
     Ok(Json(
-        app.store
-            .replace(&user, id, &replacement, storage::now())
-            .await?,
+        within_deadline(app.store.replace(&user, id, &replacement, storage::now())).await?,
     ))
 }
 
@@ -113,7 +111,7 @@ async fn update(
 ) -> Result<Json<Task>, ApiError> {
     let patch = TaskPatch::from_json(body)?;
     Ok(Json(
-        app.store.patch(&user, id, &patch, storage::now()).await?,
+        within_deadline(app.store.patch(&user, id, &patch, storage::now())).await?,
     ))
 }
 
@@ -127,7 +125,7 @@ async fn remove(
     Owner(user): Owner,
     TaskId(id): TaskId,
 ) -> Result<StatusCode, ApiError> {
-    app.store.delete(&user, id).await?;
+    within_deadline(app.store.delete(&user, id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

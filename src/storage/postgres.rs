@@ -6,7 +6,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::Postgres;
+use sqlx::{Executor, Postgres};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
@@ -57,9 +57,23 @@ impl PgTaskStore {
         options: PgConnectOptions,
         settings: &PoolSettings,
     ) -> Result<Self, sqlx::Error> {
+        let statement_timeout = format!(
+            "SET statement_timeout = {}",
+            settings.statement_timeout.as_millis()
+        );
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            // A round trip per request saved: a broken connection fails its statement
+            // (500, then it is dropped) instead of being pinged before every use.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _| {
+                let statement_timeout = statement_timeout.clone();
+                Box::pin(async move {
+                    conn.execute(statement_timeout.as_str()).await?;
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;

@@ -15,7 +15,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use task_api::auth::{self, Verifier};
 use task_api::config::{AuthConfig, CorsOrigins};
-use task_api::http::{AppState, app};
+use task_api::http::{AppState, HttpOptions, app};
 use task_api::metrics::Metrics;
 use task_api::storage::{PgTaskStore, PoolSettings, SqliteTaskStore, TaskStore};
 use tower::ServiceExt;
@@ -120,7 +120,7 @@ impl Drop for PgSchema {
 pub fn pool_settings() -> PoolSettings {
     PoolSettings {
         max_connections: 5,
-        acquire_timeout: Duration::from_secs(2),
+        ..PoolSettings::default()
     }
 }
 
@@ -335,7 +335,11 @@ fn build(
 ) -> (Router, Arc<Metrics>) {
     let state = AppState::new(store, verifier);
     let metrics = state.metrics.clone();
-    (app(state, cors), metrics)
+    let options = HttpOptions {
+        cors: cors.clone(),
+        ..HttpOptions::default()
+    };
+    (app(state, &options), metrics)
 }
 
 /// A server running the app; it stops when this is dropped.
