@@ -408,7 +408,10 @@ mod tests {
             (vec![("TLS_CERT_FILE", "cert.pem")], "TLS_KEY_FILE"),
             (vec![("TLS_KEY_FILE", "key.pem")], "TLS_CERT_FILE"),
             (vec![("METRICS_ADDR", "9100")], "METRICS_ADDR"),
-            (vec![("MAX_CONCURRENT_REQUESTS", "0")], "MAX_CONCURRENT_REQUESTS"),
+            (
+                vec![("MAX_CONCURRENT_REQUESTS", "0")],
+                "MAX_CONCURRENT_REQUESTS",
+            ),
             (
                 vec![("DATABASE_MAX_CONNECTIONS", "0")],
                 "DATABASE_MAX_CONNECTIONS",

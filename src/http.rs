@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Method, header};
-use axum::error_handling::HandleErrorLayer;
 use axum::response::IntoResponse;
+use axum::{Json, Router};
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
-use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -97,7 +97,9 @@ fn with_service_layers<S: Clone + Send + Sync + 'static>(
             ApiError::Unavailable("The service is busy; retry shortly")
         }))
         .load_shed()
-        .layer(GlobalConcurrencyLimitLayer::new(options.max_concurrent_requests));
+        .layer(GlobalConcurrencyLimitLayer::new(
+            options.max_concurrent_requests,
+        ));
     let mut router = router
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(panic_response))

@@ -7,9 +7,9 @@ use axum::body::Body;
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::X_REQUEST_ID;
@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 
 /// Longest client-supplied request id that is echoed; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
+/// Request headers larger than this in total get 431 before any handler runs.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 pub async fn request_context(
     State(metrics): State<Arc<Metrics>>,
@@ -40,7 +42,21 @@ pub async fn request_context(
         user_id = tracing::field::Empty,
     );
 
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let mut response = if header_bytes > MAX_HEADER_BYTES {
+        let mut response = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+        response.extensions_mut().insert(ErrorReport::message(
+            "VALIDATION_ERROR",
+            "Request headers are larger than 16 KiB",
+        ));
+        response
+    } else {
+        next.run(req).instrument(span.clone()).await
+    };
 
     let error_code = (response.status().is_client_error() || response.status().is_server_error())
         .then(|| render_error(&mut response, &request_id));

@@ -41,7 +41,11 @@ async fn list(
     Owner(user): Owner,
     ListQuery(filter): ListQuery,
 ) -> Result<Json<TaskList>, ApiError> {
-    Ok(Json(within_deadline(app.store.list(&user, &filter)).await?.into()))
+    Ok(Json(
+        within_deadline(app.store.list(&user, &filter))
+            .await?
+            .into(),
+    ))
 }
 
 /// Create a task.

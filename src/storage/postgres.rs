@@ -6,9 +6,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::{Executor, Postgres};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Executor, Postgres};
 
 use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
 use crate::metrics::wait_histogram;

@@ -139,12 +139,24 @@ impl TestApp {
         verifier: Verifier,
         cors: CorsOrigins,
     ) -> Self {
+        let options = HttpOptions {
+            cors,
+            ..HttpOptions::default()
+        };
+        Self::sqlite_with_options(auth, verifier, &options).await
+    }
+
+    pub async fn sqlite_with_options(
+        auth: AuthConfig,
+        verifier: Verifier,
+        options: &HttpOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
         let store = SqliteTaskStore::connect(&url, &pool_settings())
             .await
             .unwrap();
-        let (router, metrics) = build(Arc::new(store.clone()), verifier, &cors);
+        let (router, metrics) = build(Arc::new(store.clone()), verifier, options);
         Self {
             router,
             metrics,
@@ -162,12 +174,24 @@ impl TestApp {
         cors: CorsOrigins,
         tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
     ) -> Option<Self> {
+        let options = HttpOptions {
+            cors,
+            ..HttpOptions::default()
+        };
+        Self::postgres_with_options(auth, &options, tweak).await
+    }
+
+    pub async fn postgres_with_options(
+        auth: AuthConfig,
+        options: &HttpOptions,
+        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    ) -> Option<Self> {
         let url = postgres_url()?;
         let schema = PgSchema::create(&url).await;
         let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
             .await
             .unwrap();
-        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), &cors);
+        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options);
         Some(Self {
             router,
             metrics,
@@ -185,7 +209,7 @@ impl TestApp {
         let (router, metrics) = build(
             Arc::new(store.clone()),
             Verifier::new(&auth),
-            &CorsOrigins::None,
+            &HttpOptions::default(),
         );
         Self {
             router,
@@ -207,11 +231,36 @@ impl TestApp {
 
     /// A fresh app on the same kind of database, with other settings.
     pub async fn sibling(&self, auth: AuthConfig, cors: CorsOrigins) -> Self {
+        let options = HttpOptions {
+            cors,
+            ..HttpOptions::default()
+        };
+        self.sibling_with(auth, &options).await
+    }
+
+    pub async fn sibling_with(&self, auth: AuthConfig, options: &HttpOptions) -> Self {
         match &self.db {
-            Db::Sqlite { .. } => Self::sqlite_with(auth, cors).await,
-            Db::Postgres { .. } => Self::postgres_with(auth, cors, |o| o)
+            Db::Sqlite { .. } => {
+                let verifier = Verifier::new(&auth);
+                Self::sqlite_with_options(auth, verifier, options).await
+            }
+            Db::Postgres { .. } => Self::postgres_with_options(auth, options, |o| o)
                 .await
                 .expect("PostgreSQL is configured"),
+        }
+    }
+
+    /// A second, direct connection to the app's database (to hold locks, inspect rows).
+    pub async fn side_connection(&self) -> SideConnection {
+        match &self.db {
+            Db::Sqlite { store, .. } => {
+                SideConnection::Sqlite(store.pool().acquire().await.unwrap().detach())
+            }
+            Db::Postgres { _schema, .. } => SideConnection::Postgres(
+                PgConnection::connect_with(&_schema.options())
+                    .await
+                    .unwrap(),
+            ),
         }
     }
 
@@ -304,6 +353,17 @@ impl TestApp {
         self.send(request.unwrap()).await
     }
 
+    /// Sends a create for `user`, whatever its outcome.
+    pub async fn create_reply(&self, user: &str, title: &str) -> Reply {
+        self.call(
+            Method::POST,
+            &format!("/api/{user}/tasks"),
+            user,
+            Some(serde_json::json!({ "title": title })),
+        )
+        .await
+    }
+
     /// Creates a task for `user` and returns it.
     pub async fn create(&self, user: &str, title: &str) -> Value {
         let reply = self
@@ -331,15 +391,52 @@ impl TestApp {
 fn build(
     store: Arc<dyn TaskStore>,
     verifier: Verifier,
-    cors: &CorsOrigins,
+    options: &HttpOptions,
 ) -> (Router, Arc<Metrics>) {
     let state = AppState::new(store, verifier);
     let metrics = state.metrics.clone();
-    let options = HttpOptions {
-        cors: cors.clone(),
-        ..HttpOptions::default()
-    };
-    (app(state, &options), metrics)
+    (app(state, options), metrics)
+}
+
+pub enum SideConnection {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(PgConnection),
+}
+
+impl SideConnection {
+    /// Runs SQL (several statements allowed), ignoring results.
+    pub async fn execute(&mut self, sql: &str) {
+        use sqlx::Executor;
+        match self {
+            Self::Sqlite(c) => c.execute(sql).await.map(drop),
+            Self::Postgres(c) => c.execute(sql).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Blocks writers to `tasks` until [`SideConnection::release`].
+    pub async fn lock_tasks(&mut self) {
+        match self {
+            Self::Sqlite(_) => self.execute("BEGIN EXCLUSIVE").await,
+            Self::Postgres(_) => {
+                self.execute("BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+                    .await
+            }
+        }
+    }
+
+    pub async fn release(&mut self) {
+        self.execute("ROLLBACK").await;
+    }
+
+    /// `(id, user_id, title)` of every stored task.
+    pub async fn rows(&mut self) -> Vec<(i64, String, String)> {
+        let sql = "SELECT id, user_id, title FROM tasks ORDER BY id";
+        match self {
+            Self::Sqlite(c) => sqlx::query_as(sql).fetch_all(c).await.unwrap(),
+            Self::Postgres(c) => sqlx::query_as(sql).fetch_all(c).await.unwrap(),
+        }
+    }
 }
 
 /// A server running the app; it stops when this is dropped.
