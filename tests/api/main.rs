@@ -6,6 +6,7 @@ mod auth;
 mod better_auth;
 mod docs;
 mod hardening;
+mod hostile;
 mod jwks;
 mod metrics;
 mod operations;
