@@ -195,3 +195,22 @@ async fn works_over_tls_with_sslmode_require() {
         .await;
     assert_eq!(reply.json, task);
 }
+
+#[tokio::test]
+async fn every_connection_carries_a_statement_timeout() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
+        .await
+        .unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, "1500ms");
+    // A statement past it is cancelled by the server.
+    let slow = sqlx::query("SELECT pg_sleep(3)")
+        .execute(store.pool())
+        .await;
+    assert!(slow.unwrap_err().to_string().contains("statement timeout"));
+}
