@@ -100,19 +100,11 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
 #[tokio::test]
 async fn runs_with_nothing_configured_and_prints_a_working_token() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::from({
-        let mut c = task_api(dir.path());
-        // Port 0: any free port; the banner prints the real one.
-        c.env("PORT", "0").env("RUST_LOG", "warn");
-        c
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
-
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Port 0: any free port; the banner prints the real one.
+    let (mut child, mut lines) = start(
+        dir.path(),
+        &[("PORT", "0".into()), ("RUST_LOG", "warn".into())],
+    );
     let (mut token, mut url) = (None, None);
     while token.is_none() || url.is_none() {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -177,20 +169,14 @@ async fn starts_while_the_jwks_is_unreachable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let auth_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let mut child = tokio::process::Command::from({
-        let mut c = task_api(dir.path());
-        c.env("PORT", "0")
-            .env("LOG_FORMAT", "json")
-            .env("BETTER_AUTH_URL", &auth_url);
-        c
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
-
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (_child, mut lines) = start(
+        dir.path(),
+        &[
+            ("PORT", "0".into()),
+            ("LOG_FORMAT", "json".into()),
+            ("BETTER_AUTH_URL", auth_url.clone()),
+        ],
+    );
     let address = loop {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
@@ -222,6 +208,28 @@ async fn starts_while_the_jwks_is_unreachable() {
     let response = http_get(&address, "/api/u/tasks", &token).await;
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(response.contains("SERVICE_UNAVAILABLE"), "{response}");
+}
+
+/// Starts the binary in `dir` with `env`, its stdout piped; killed when dropped.
+fn start(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut command = task_api(dir);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = tokio::process::Command::from(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
 }
 
 /// A free loopback port (bound and released).
@@ -262,22 +270,23 @@ async fn serves_https_and_metrics_on_their_own_listeners() {
     )
     .unwrap();
     let (port, metrics_port) = (free_port(), free_port());
-    let mut child = tokio::process::Command::from({
-        let mut c = task_api(dir.path());
-        c.env("PORT", port.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("JWT_SECRET", "cli-test-secret")
-            .env("TLS_CERT_FILE", dir.path().join("cert.pem"))
-            .env("TLS_KEY_FILE", dir.path().join("key.pem"))
-            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"));
-        c
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = start(
+        dir.path(),
+        &[
+            ("PORT", port.to_string()),
+            ("LOG_FORMAT", "json".into()),
+            ("JWT_SECRET", "cli-test-secret".into()),
+            (
+                "TLS_CERT_FILE",
+                dir.path().join("cert.pem").display().to_string(),
+            ),
+            (
+                "TLS_KEY_FILE",
+                dir.path().join("key.pem").display().to_string(),
+            ),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+        ],
+    );
     wait_for_log(&mut lines, "listening").await;
 
     let client = reqwest::Client::builder()
@@ -350,19 +359,14 @@ fn a_missing_certificate_stops_start_up_naming_the_setting() {
 async fn sigterm_under_load_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = tokio::process::Command::from({
-        let mut c = task_api(dir.path());
-        c.env("PORT", port.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("JWT_SECRET", "cli-test-secret");
-        c
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = start(
+        dir.path(),
+        &[
+            ("PORT", port.to_string()),
+            ("LOG_FORMAT", "json".into()),
+            ("JWT_SECRET", "cli-test-secret".into()),
+        ],
+    );
     wait_for_log(&mut lines, "listening").await;
     // Keep reading the log so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

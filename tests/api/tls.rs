@@ -80,6 +80,19 @@ fn url(server: &HttpsServer, path: &str) -> String {
     format!("https://localhost:{}{path}", server.address.port())
 }
 
+/// Waits (up to 5 s) until new connections are given `expected`; returns what was seen.
+async fn wait_until_presented(pki: &Pki, server: &HttpsServer, expected: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = presented(pki, server).await;
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
 /// The certificate the server presented on a fresh connection.
 async fn presented(pki: &Pki, server: &HttpsServer) -> Vec<u8> {
     let response = pki
@@ -221,14 +234,7 @@ async fn certificates_reload_without_a_restart(app: TestApp) {
     // Renewal: new files on disk are picked up by the watcher.
     tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct modification time
     let second = pki.issue(dir.path(), "second");
-    let mut seen = Vec::new();
-    for _ in 0..50 {
-        seen = presented(&pki, &server).await;
-        if seen == second {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = wait_until_presented(&pki, &server, &second).await;
     assert_eq!(seen, second, "the renewed certificate is served");
 
     // A broken renewal (half-written file) keeps the current certificate.
@@ -261,14 +267,7 @@ async fn sighup_reloads_the_certificate(app: TestApp) {
             .unwrap()
             .success()
     );
-    let mut seen = Vec::new();
-    for _ in 0..50 {
-        seen = presented(&pki, &server).await;
-        if seen == second {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = wait_until_presented(&pki, &server, &second).await;
     assert_eq!(seen, second);
 }
 
