@@ -18,8 +18,9 @@ use crate::metrics::Metrics;
 
 /// Longest client-supplied request id that is echoed; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
-/// Request headers larger than this in total get 431 before any handler runs.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Request headers larger than this in total get 431 before any handler runs. Well
+/// above any token the service reads (8 KiB), so an oversized token is still a 401.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 pub async fn request_context(
     State(metrics): State<Arc<Metrics>>,
@@ -51,7 +52,7 @@ pub async fn request_context(
         let mut response = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
         response.extensions_mut().insert(ErrorReport::message(
             "VALIDATION_ERROR",
-            "Request headers are larger than 16 KiB",
+            "Request headers are larger than 32 KiB",
         ));
         response
     } else {

@@ -176,7 +176,7 @@ async fn oversized_headers_get_a_contract_431(app: TestApp) {
     // One huge header, and many ordinary ones: 431 in the error shape, from the service.
     let huge = client
         .get(format!("{}/api/alice/tasks", server.base_url))
-        .header("x-padding", "x".repeat(20 * 1024))
+        .header("x-padding", "x".repeat(40 * 1024))
         .bearer_auth(app.token("alice"))
         .send()
         .await
@@ -186,7 +186,7 @@ async fn oversized_headers_get_a_contract_431(app: TestApp) {
     assert_eq!(body["error_code"], "VALIDATION_ERROR");
     let mut many = client.get(format!("{}/health", server.base_url));
     for i in 0..90 {
-        many = many.header(format!("x-h{i}"), "y".repeat(200));
+        many = many.header(format!("x-h{i}"), "y".repeat(400));
     }
     let many = many.send().await.unwrap();
     assert_eq!(many.status(), 431);
