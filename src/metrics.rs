@@ -21,17 +21,47 @@ use prometheus_client::registry::Registry;
 
 use crate::storage::TaskStore;
 
+// Labels are static strings (no allocation per request): methods outside the standard
+// set are counted as "OTHER", routes outside the service's own templates as "unmatched".
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
-    route: String,
+    method: &'static str,
+    route: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    method: String,
-    route: String,
+    method: &'static str,
+    route: &'static str,
+}
+
+/// Every route template the service has; anything else is "unmatched" (or a /docs asset).
+const ROUTES: [&str; 7] = [
+    "/api/{user_id}/tasks",
+    "/api/{user_id}/tasks/{task_id}",
+    "/health",
+    "/openapi.json",
+    "/docs",
+    "/docs/",
+    "/docs/{*rest}",
+];
+
+fn route_label(route: &str) -> &'static str {
+    ROUTES
+        .into_iter()
+        .find(|r| *r == route)
+        .unwrap_or("unmatched")
+}
+
+fn method_label(method: &str) -> &'static str {
+    const METHODS: [&str; 9] = [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    METHODS
+        .into_iter()
+        .find(|m| *m == method)
+        .unwrap_or("OTHER")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,12 +174,9 @@ impl Metrics {
         seconds: f64,
         error_code: Option<&'static str>,
     ) {
-        let (method, route) = (method.to_owned(), route.to_owned());
+        let (method, route) = (method_label(method), route_label(route));
         self.latency
-            .get_or_create(&RouteLabels {
-                method: method.clone(),
-                route: route.clone(),
-            })
+            .get_or_create(&RouteLabels { method, route })
             .observe(seconds);
         self.requests
             .get_or_create(&RequestLabels {

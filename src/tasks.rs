@@ -7,7 +7,7 @@
 //! `#[derive(Deserialize)]` struct, because the contract's 422 lists *every* problem
 //! (FastAPI's shape) and serde stops at the first one.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -38,8 +38,9 @@ pub struct Task {
 }
 
 /// Microseconds are kept so that two updates in the same millisecond stay ordered.
+/// Formatted straight into the output, without an intermediate `String`.
 fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
+    s.collect_str(&at.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
 }
 
 /// `GET /tasks` response.

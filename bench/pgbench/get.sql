@@ -1,0 +1,3 @@
+-- The service's get statement for a random seeded task (ids 1–2000 on a fresh table).
+\set id random(1, 2000)
+SELECT id, user_id, title, description, complete, created_at, updated_at FROM tasks WHERE id = :id;
