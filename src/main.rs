@@ -2,7 +2,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
 use task_api::config::Config;
+
+/// Allocation is a tenth of the request path's CPU under glibc's allocator (perf);
+/// mimalloc is faster for the many small, short-lived allocations of a web service.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 /// Task API: a multi-user todo backend for Better Auth apps.
 ///
