@@ -135,18 +135,7 @@ async fn runs_with_nothing_configured_and_prints_a_working_token() {
         "SQLite file in the working directory"
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
+    let status = terminate(&mut child).await;
     assert!(status.success(), "{status}");
 }
 
@@ -230,6 +219,17 @@ fn start(
         .unwrap();
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     (child, lines)
+}
+
+/// Sends SIGTERM and waits (up to 15 s) for the process to exit.
+async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap()
 }
 
 /// A free loopback port (bound and released).
@@ -324,18 +324,7 @@ async fn serves_https_and_metrics_on_their_own_listeners() {
         "{scrape}"
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = terminate(&mut child).await;
     assert!(status.success(), "{status}");
 }
 
@@ -409,19 +398,8 @@ async fn sigterm_under_load_loses_no_acknowledged_write() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let pid = child.id().unwrap().to_string();
     let signalled = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = terminate(&mut child).await;
     let stopped_in = signalled.elapsed();
     assert!(status.success(), "{status}");
     assert!(
