@@ -124,6 +124,17 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// A pooled connection, the wait for it recorded in `wait` (the pool-wait metric).
+async fn timed_acquire<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    wait: &prometheus_client::metrics::histogram::Histogram,
+) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let conn = pool.acquire().await;
+    wait.observe(started.elapsed().as_secs_f64());
+    conn
+}
+
 /// Tells 404 from 403 once a statement scoped to the owner matched no row.
 fn missing(owner: Option<String>) -> StoreError {
     match owner {

@@ -1,7 +1,6 @@
 //! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
 
 use std::str::FromStr;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,7 +9,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Executor, Postgres};
 
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing, timed_acquire};
 use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
@@ -87,12 +86,8 @@ impl PgTaskStore {
         &self.pool
     }
 
-    /// A pooled connection, timing the wait for it.
     async fn conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-        let started = Instant::now();
-        let conn = self.pool.acquire().await;
-        self.acquire_wait.observe(started.elapsed().as_secs_f64());
-        conn
+        timed_acquire(&self.pool, &self.acquire_wait).await
     }
 }
 

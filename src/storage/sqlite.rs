@@ -1,7 +1,7 @@
 //! Embedded SQLite task store: the zero-configuration default.
 
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,7 +13,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing, timed_acquire};
 use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
@@ -89,12 +89,8 @@ impl SqliteTaskStore {
         &self.pool
     }
 
-    /// A pooled connection, timing the wait for it.
     async fn conn(&self) -> Result<PoolConnection<Sqlite>, sqlx::Error> {
-        let started = Instant::now();
-        let conn = self.pool.acquire().await;
-        self.acquire_wait.observe(started.elapsed().as_secs_f64());
-        conn
+        timed_acquire(&self.pool, &self.acquire_wait).await
     }
 }
 
