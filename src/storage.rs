@@ -13,6 +13,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
+pub mod pool;
 pub mod postgres;
 pub mod sqlite;
 
@@ -85,6 +86,9 @@ pub struct PoolSettings {
     /// The server cancels a statement that runs longer (PostgreSQL `statement_timeout`),
     /// so a stuck query cannot hold a connection.
     pub statement_timeout: Duration,
+    /// A connection idle longer than this is pinged before it is handed out, so one the
+    /// server or a proxy closed meanwhile is replaced instead of failing a request.
+    pub check_after_idle: Duration,
 }
 
 impl Default for PoolSettings {
@@ -93,6 +97,7 @@ impl Default for PoolSettings {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_millis(1500),
+            check_after_idle: Duration::from_secs(30),
         }
     }
 }
@@ -122,17 +127,6 @@ pub async fn connect(url: &str, pool: &PoolSettings) -> Result<Arc<dyn TaskStore
 /// The instant stored for "now": both backends keep microseconds.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
-}
-
-/// A pooled connection, the wait for it recorded in `wait` (the pool-wait metric).
-async fn timed_acquire<DB: sqlx::Database>(
-    pool: &sqlx::Pool<DB>,
-    wait: &prometheus_client::metrics::histogram::Histogram,
-) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
-    let started = std::time::Instant::now();
-    let conn = pool.acquire().await;
-    wait.observe(started.elapsed().as_secs_f64());
-    conn
 }
 
 /// Tells 404 from 403 once a statement scoped to the owner matched no row.

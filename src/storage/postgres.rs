@@ -1,15 +1,16 @@
 //! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Executor, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Executor};
 
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing, timed_acquire};
+use super::pool::{Lifecycle, Pool, Pooled, Tracked};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
 use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
@@ -40,8 +41,7 @@ impl From<TaskRow> for Task {
 
 #[derive(Clone)]
 pub struct PgTaskStore {
-    pool: PgPool,
-    acquire_wait: Histogram,
+    pool: Pool<PgConnection>,
 }
 
 impl PgTaskStore {
@@ -56,46 +56,52 @@ impl PgTaskStore {
         options: PgConnectOptions,
         settings: &PoolSettings,
     ) -> Result<Self, sqlx::Error> {
-        let statement_timeout = format!(
+        let statement_timeout: Arc<str> = format!(
             "SET statement_timeout = {}",
             settings.statement_timeout.as_millis()
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(settings.acquire_timeout)
-            // A round trip per request saved: a broken connection fails its statement
-            // (500, then it is dropped) instead of being pinged before every use.
-            .test_before_acquire(false)
-            .after_connect(move |conn, _| {
-                let statement_timeout = statement_timeout.clone();
+        )
+        .into();
+        let pool = Pool::new(
+            Box::new(move || {
+                let (options, statement_timeout) = (options.clone(), statement_timeout.clone());
                 Box::pin(async move {
-                    conn.execute(statement_timeout.as_str()).await?;
-                    Ok(())
+                    let mut conn = options.connect().await?;
+                    conn.execute(&*statement_timeout).await?;
+                    Ok(conn)
                 })
-            })
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self {
-            pool,
-            acquire_wait: wait_histogram(),
+            }),
+            settings.max_connections as usize,
+            settings.acquire_timeout,
+            Lifecycle::server(settings.check_after_idle),
+            wait_histogram(),
+        );
+        let mut conn = pool.get().await?;
+        conn.run(|conn| async {
+            sqlx::migrate!("migrations/postgres").run(conn).await?;
+            Ok(())
         })
+        .await?;
+        Ok(Self { pool })
     }
 
-    pub fn pool(&self) -> &PgPool {
+    /// The store's connection pool (for tools and tests that need a raw connection).
+    pub fn pool(&self) -> &Pool<PgConnection> {
         &self.pool
     }
 
-    async fn conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-        timed_acquire(&self.pool, &self.acquire_wait).await
+    async fn conn(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
+        self.pool.get().await
     }
 }
 
 /// Tells 404 from 403 after a statement scoped to the owner matched no row.
-async fn explain_missing(conn: &mut PgConnection, id: i64) -> StoreError {
-    let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
+async fn explain_missing(conn: &mut Tracked<PgConnection>, id: i64) -> StoreError {
+    let owner = conn
+        .run(|conn| {
+            sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_optional(conn)
+        })
         .await;
     match owner {
         Ok(owner) => missing(owner),
@@ -108,18 +114,21 @@ impl TaskStore for PgTaskStore {
     async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
         let mut conn = self.conn().await?;
         // `LIMIT NULL` is `LIMIT ALL`.
-        let rows: Vec<TaskRow> = sqlx::query_as(
-            "SELECT id, user_id, title, description, complete, created_at, updated_at
+        let rows: Vec<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "SELECT id, user_id, title, description, complete, created_at, updated_at
              FROM tasks
              WHERE user_id = $1 AND ($2::boolean IS NULL OR complete = $2)
              ORDER BY id LIMIT $3 OFFSET $4",
-        )
-        .bind(user_id)
-        .bind(filter.complete)
-        .bind(filter.limit)
-        .bind(filter.offset)
-        .fetch_all(&mut *conn)
-        .await?;
+                )
+                .bind(user_id)
+                .bind(filter.complete)
+                .bind(filter.limit)
+                .bind(filter.offset)
+                .fetch_all(conn)
+            })
+            .await?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
 
@@ -130,7 +139,9 @@ impl TaskStore for PgTaskStore {
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: TaskRow = sqlx::query_as(
+        let row: TaskRow = conn
+            .run(|conn| {
+                sqlx::query_as(
             "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
              VALUES ($1, $2, $3, false, $4, $4)
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
@@ -139,8 +150,9 @@ impl TaskStore for PgTaskStore {
         .bind(task.title.as_str())
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(now)
-        .fetch_one(&mut *conn)
-        .await?;
+        .fetch_one(conn)
+            })
+            .await?;
         Ok(row.into())
     }
 
@@ -148,13 +160,16 @@ impl TaskStore for PgTaskStore {
         let mut conn = self.conn().await?;
         // One statement either way: the owner is compared here, and another user's row is
         // dropped before it can reach a response.
-        let row: Option<TaskRow> = sqlx::query_as(
-            "SELECT id, user_id, title, description, complete, created_at, updated_at
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "SELECT id, user_id, title, description, complete, created_at, updated_at
              FROM tasks WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) if row.user_id == user_id => Ok(row.into()),
             Some(_) => Err(StoreError::NotOwner),
@@ -170,21 +185,24 @@ impl TaskStore for PgTaskStore {
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: Option<TaskRow> = sqlx::query_as(
-            "UPDATE tasks
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "UPDATE tasks
              SET title = $3, description = $4, complete = $5,
                  updated_at = GREATEST($6, updated_at + interval '1 microsecond')
              WHERE id = $1 AND user_id = $2
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(id)
-        .bind(user_id)
-        .bind(task.title.as_str())
-        .bind(task.description.as_ref().map(|d| d.as_str()))
-        .bind(task.complete)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(task.title.as_str())
+                .bind(task.description.as_ref().map(|d| d.as_str()))
+                .bind(task.complete)
+                .bind(now)
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) => Ok(row.into()),
             None => Err(explain_missing(&mut conn, id).await),
@@ -201,29 +219,32 @@ impl TaskStore for PgTaskStore {
         let mut conn = self.conn().await?;
         // `title` and `complete` cannot be NULL, so NULL means "unchanged"; `description`
         // can, so a flag says whether to set it.
-        let row: Option<TaskRow> = sqlx::query_as(
-            "UPDATE tasks
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "UPDATE tasks
              SET title = COALESCE($3, title),
                  description = CASE WHEN $4 THEN $5 ELSE description END,
                  complete = COALESCE($6, complete),
                  updated_at = GREATEST($7, updated_at + interval '1 microsecond')
              WHERE id = $1 AND user_id = $2
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(id)
-        .bind(user_id)
-        .bind(patch.title.as_ref().map(|t| t.as_str()))
-        .bind(patch.description.is_some())
-        .bind(
-            patch
-                .description
-                .as_ref()
-                .and_then(|d| d.as_ref().map(|d| d.as_str())),
-        )
-        .bind(patch.complete)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(patch.title.as_ref().map(|t| t.as_str()))
+                .bind(patch.description.is_some())
+                .bind(
+                    patch
+                        .description
+                        .as_ref()
+                        .and_then(|d| d.as_ref().map(|d| d.as_str())),
+                )
+                .bind(patch.complete)
+                .bind(now)
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) => Ok(row.into()),
             None => Err(explain_missing(&mut conn, id).await),
@@ -232,10 +253,13 @@ impl TaskStore for PgTaskStore {
 
     async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let done = sqlx::query("DELETE FROM tasks WHERE id = $1 AND user_id = $2")
-            .bind(id)
-            .bind(user_id)
-            .execute(&mut *conn)
+        let done = conn
+            .run(|conn| {
+                sqlx::query("DELETE FROM tasks WHERE id = $1 AND user_id = $2")
+                    .bind(id)
+                    .bind(user_id)
+                    .execute(conn)
+            })
             .await?;
         if done.rows_affected() == 0 {
             return Err(explain_missing(&mut conn, id).await);
@@ -245,7 +269,8 @@ impl TaskStore for PgTaskStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        sqlx::query("SELECT 1").execute(&mut *conn).await?;
+        conn.run(|conn| sqlx::query("SELECT 1").execute(conn))
+            .await?;
         Ok(())
     }
 
@@ -254,13 +279,10 @@ impl TaskStore for PgTaskStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus {
-            size: self.pool.size(),
-            idle: self.pool.num_idle(),
-        }
+        self.pool.status()
     }
 
     fn acquire_wait(&self) -> Histogram {
-        self.acquire_wait.clone()
+        self.pool.acquire_wait().clone()
     }
 }

@@ -6,14 +6,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::Sqlite;
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing, timed_acquire};
+use super::pool::{Lifecycle, Pool, Pooled, Tracked};
+use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
 use crate::metrics::wait_histogram;
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
 
@@ -51,8 +48,7 @@ fn from_micros(micros: i64) -> DateTime<Utc> {
 
 #[derive(Clone)]
 pub struct SqliteTaskStore {
-    pool: SqlitePool,
-    acquire_wait: Histogram,
+    pool: Pool<SqliteConnection>,
 }
 
 impl SqliteTaskStore {
@@ -68,37 +64,58 @@ impl SqliteTaskStore {
             .busy_timeout(Duration::from_secs(5));
         // An in-memory database lives and dies with its one connection.
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let mut pool = SqlitePoolOptions::new().acquire_timeout(settings.acquire_timeout);
-        pool = if in_memory {
-            pool.max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
+        let (max_size, lifecycle) = if in_memory {
+            let keep = Lifecycle {
+                max_lifetime: None,
+                idle_timeout: None,
+                drop_interrupted: false,
+                ..Lifecycle::server(settings.check_after_idle)
+            };
+            (1, keep)
         } else {
-            pool.max_connections(settings.max_connections)
+            let file = Lifecycle {
+                max_lifetime: None,
+                ..Lifecycle::server(settings.check_after_idle)
+            };
+            (settings.max_connections as usize, file)
         };
-        let pool = pool.connect_with(options).await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self {
-            pool,
-            acquire_wait: wait_histogram(),
+        let pool = Pool::new(
+            Box::new(move || {
+                let options = options.clone();
+                Box::pin(async move { options.connect().await })
+            }),
+            max_size,
+            settings.acquire_timeout,
+            lifecycle,
+            wait_histogram(),
+        );
+        let mut conn = pool.get().await?;
+        conn.run(|conn| async {
+            sqlx::migrate!("migrations/sqlite").run(conn).await?;
+            Ok(())
         })
+        .await?;
+        Ok(Self { pool })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    /// The store's connection pool (for tools and tests that need a raw connection).
+    pub fn pool(&self) -> &Pool<SqliteConnection> {
         &self.pool
     }
 
-    async fn conn(&self) -> Result<PoolConnection<Sqlite>, sqlx::Error> {
-        timed_acquire(&self.pool, &self.acquire_wait).await
+    async fn conn(&self) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
+        self.pool.get().await
     }
 }
 
 /// Tells 404 from 403 after a statement scoped to the owner matched no row.
-async fn explain_missing(conn: &mut SqliteConnection, id: i64) -> StoreError {
-    let owner = sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
-        .bind(id)
-        .fetch_optional(conn)
+async fn explain_missing(conn: &mut Tracked<SqliteConnection>, id: i64) -> StoreError {
+    let owner = conn
+        .run(|conn| {
+            sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(conn)
+        })
         .await;
     match owner {
         Ok(owner) => missing(owner),
@@ -111,18 +128,21 @@ impl TaskStore for SqliteTaskStore {
     async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
         let mut conn = self.conn().await?;
         // `LIMIT -1` is no limit.
-        let rows: Vec<TaskRow> = sqlx::query_as(
-            "SELECT id, user_id, title, description, complete, created_at, updated_at
+        let rows: Vec<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "SELECT id, user_id, title, description, complete, created_at, updated_at
              FROM tasks
              WHERE user_id = ?1 AND (?2 IS NULL OR complete = ?2)
              ORDER BY id LIMIT ?3 OFFSET ?4",
-        )
-        .bind(user_id)
-        .bind(filter.complete)
-        .bind(filter.limit.unwrap_or(-1))
-        .bind(filter.offset)
-        .fetch_all(&mut *conn)
-        .await?;
+                )
+                .bind(user_id)
+                .bind(filter.complete)
+                .bind(filter.limit.unwrap_or(-1))
+                .bind(filter.offset)
+                .fetch_all(conn)
+            })
+            .await?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
 
@@ -133,7 +153,9 @@ impl TaskStore for SqliteTaskStore {
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: TaskRow = sqlx::query_as(
+        let row: TaskRow = conn
+            .run(|conn| {
+                sqlx::query_as(
             "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
              VALUES (?1, ?2, ?3, 0, ?4, ?4)
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
@@ -142,20 +164,24 @@ impl TaskStore for SqliteTaskStore {
         .bind(task.title.as_str())
         .bind(task.description.as_ref().map(|d| d.as_str()))
         .bind(now.timestamp_micros())
-        .fetch_one(&mut *conn)
-        .await?;
+        .fetch_one(conn)
+            })
+            .await?;
         Ok(row.into())
     }
 
     async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: Option<TaskRow> = sqlx::query_as(
-            "SELECT id, user_id, title, description, complete, created_at, updated_at
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "SELECT id, user_id, title, description, complete, created_at, updated_at
              FROM tasks WHERE id = ?1",
-        )
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) if row.user_id == user_id => Ok(row.into()),
             Some(_) => Err(StoreError::NotOwner),
@@ -171,21 +197,24 @@ impl TaskStore for SqliteTaskStore {
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: Option<TaskRow> = sqlx::query_as(
-            "UPDATE tasks
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "UPDATE tasks
              SET title = ?3, description = ?4, complete = ?5,
                  updated_at = max(?6, updated_at + 1)
              WHERE id = ?1 AND user_id = ?2
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(id)
-        .bind(user_id)
-        .bind(task.title.as_str())
-        .bind(task.description.as_ref().map(|d| d.as_str()))
-        .bind(task.complete)
-        .bind(now.timestamp_micros())
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(task.title.as_str())
+                .bind(task.description.as_ref().map(|d| d.as_str()))
+                .bind(task.complete)
+                .bind(now.timestamp_micros())
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) => Ok(row.into()),
             None => Err(explain_missing(&mut conn, id).await),
@@ -200,29 +229,32 @@ impl TaskStore for SqliteTaskStore {
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
         let mut conn = self.conn().await?;
-        let row: Option<TaskRow> = sqlx::query_as(
-            "UPDATE tasks
+        let row: Option<TaskRow> = conn
+            .run(|conn| {
+                sqlx::query_as(
+                    "UPDATE tasks
              SET title = coalesce(?3, title),
                  description = CASE WHEN ?4 THEN ?5 ELSE description END,
                  complete = coalesce(?6, complete),
                  updated_at = max(?7, updated_at + 1)
              WHERE id = ?1 AND user_id = ?2
              RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(id)
-        .bind(user_id)
-        .bind(patch.title.as_ref().map(|t| t.as_str()))
-        .bind(patch.description.is_some())
-        .bind(
-            patch
-                .description
-                .as_ref()
-                .and_then(|d| d.as_ref().map(|d| d.as_str())),
-        )
-        .bind(patch.complete)
-        .bind(now.timestamp_micros())
-        .fetch_optional(&mut *conn)
-        .await?;
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(patch.title.as_ref().map(|t| t.as_str()))
+                .bind(patch.description.is_some())
+                .bind(
+                    patch
+                        .description
+                        .as_ref()
+                        .and_then(|d| d.as_ref().map(|d| d.as_str())),
+                )
+                .bind(patch.complete)
+                .bind(now.timestamp_micros())
+                .fetch_optional(conn)
+            })
+            .await?;
         match row {
             Some(row) => Ok(row.into()),
             None => Err(explain_missing(&mut conn, id).await),
@@ -231,10 +263,13 @@ impl TaskStore for SqliteTaskStore {
 
     async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let done = sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
-            .bind(id)
-            .bind(user_id)
-            .execute(&mut *conn)
+        let done = conn
+            .run(|conn| {
+                sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
+                    .bind(id)
+                    .bind(user_id)
+                    .execute(conn)
+            })
             .await?;
         if done.rows_affected() == 0 {
             return Err(explain_missing(&mut conn, id).await);
@@ -244,7 +279,8 @@ impl TaskStore for SqliteTaskStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        sqlx::query("SELECT 1").execute(&mut *conn).await?;
+        conn.run(|conn| sqlx::query("SELECT 1").execute(conn))
+            .await?;
         Ok(())
     }
 
@@ -253,13 +289,10 @@ impl TaskStore for SqliteTaskStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus {
-            size: self.pool.size(),
-            idle: self.pool.num_idle(),
-        }
+        self.pool.status()
     }
 
     fn acquire_wait(&self) -> Histogram {
-        self.acquire_wait.clone()
+        self.pool.acquire_wait().clone()
     }
 }

@@ -1,11 +1,15 @@
-//! PostgreSQL only: adopting the Stage 1 table, migrations that cannot half-apply, TLS.
+//! PostgreSQL only: adopting the Stage 1 table, migrations that cannot half-apply, TLS,
+//! and how the pool treats its connections.
 
 use axum::http::{Method, StatusCode};
 use serde_json::json;
 use sqlx::postgres::{PgPoolOptions, PgSslMode};
-use sqlx::{Executor, PgPool};
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 use task_api::config::CorsOrigins;
-use task_api::storage::PgTaskStore;
+use task_api::storage::{PgTaskStore, PoolSettings, StoreError, TaskStore};
+use task_api::tasks::ListFilter;
 
 use crate::support::{PgSchema, TestApp, pool_settings, postgres_url, utc};
 
@@ -171,11 +175,14 @@ async fn works_over_tls_with_sslmode_require() {
     let store = PgTaskStore::connect(&tls_url, &pool_settings())
         .await
         .unwrap();
-    let on_tls: bool =
-        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+    let mut conn = store.pool().get().await.unwrap();
+    let on_tls: bool = conn
+        .run(|c| {
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(c)
+        })
+        .await
+        .unwrap();
     assert!(on_tls);
 
     // And the whole API over an encrypted connection.
@@ -203,14 +210,112 @@ async fn every_connection_carries_a_statement_timeout() {
     let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
         .await
         .unwrap();
-    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-        .fetch_one(store.pool())
+    let mut conn = store.pool().get().await.unwrap();
+    let timeout: String = conn
+        .run(|c| sqlx::query_scalar("SHOW statement_timeout").fetch_one(c))
         .await
         .unwrap();
     assert_eq!(timeout, "1500ms");
     // A statement past it is cancelled by the server.
-    let slow = sqlx::query("SELECT pg_sleep(3)")
-        .execute(store.pool())
+    let slow = conn
+        .run(|c| sqlx::query("SELECT pg_sleep(3)").execute(c))
         .await;
     assert!(slow.unwrap_err().to_string().contains("statement timeout"));
+}
+
+/// The server process behind a pooled connection.
+async fn backend_pid(store: &PgTaskStore) -> i32 {
+    let mut conn = store.pool().get().await.unwrap();
+    conn.run(|c| sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c))
+        .await
+        .unwrap()
+}
+
+async fn terminate(url: &str, pid: i32) {
+    let mut side = PgConnection::connect(url).await.unwrap();
+    let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut side)
+        .await
+        .unwrap();
+    assert!(done);
+}
+
+#[tokio::test]
+async fn a_finished_call_leaves_its_connection_for_the_next() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let settings = PoolSettings {
+        max_connections: 1,
+        ..pool_settings()
+    };
+    let store = PgTaskStore::connect_with(schema.options(), &settings)
+        .await
+        .unwrap();
+    let first = backend_pid(&store).await;
+    store.list("alice", &ListFilter::default()).await.unwrap();
+    assert_eq!(backend_pid(&store).await, first);
+    assert_eq!(store.pool_status().size, 1);
+}
+
+#[tokio::test]
+async fn a_call_cut_short_never_hands_its_connection_out_again() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let settings = PoolSettings {
+        max_connections: 1,
+        ..pool_settings()
+    };
+    let store = PgTaskStore::connect_with(schema.options(), &settings)
+        .await
+        .unwrap();
+    let first = backend_pid(&store).await;
+    {
+        let mut conn = store.pool().get().await.unwrap();
+        // Cancelled while the server is still working on it: its reply is never read.
+        let cut = tokio::time::timeout(
+            Duration::from_millis(100),
+            conn.run(|c| sqlx::query("SELECT pg_sleep(1)").execute(c)),
+        )
+        .await;
+        assert!(cut.is_err());
+    }
+    // The next call gets a new connection, and a clean reply.
+    let second = backend_pid(&store).await;
+    assert_ne!(second, first);
+    let tasks = store.list("alice", &ListFilter::default()).await.unwrap();
+    assert!(tasks.is_empty());
+    assert_eq!(store.pool_status().size, 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let checked = PoolSettings {
+        max_connections: 1,
+        check_after_idle: Duration::ZERO,
+        ..pool_settings()
+    };
+    let store = PgTaskStore::connect_with(schema.options(), &checked)
+        .await
+        .unwrap();
+    terminate(&url, backend_pid(&store).await).await;
+    // The ping at checkout finds it dead; the call runs on a fresh connection.
+    store.list("alice", &ListFilter::default()).await.unwrap();
+
+    // Without the idle check (busy connections are not pinged), the first call on a
+    // connection closed behind the pool's back fails, and the pool replaces it.
+    let unchecked = PoolSettings {
+        max_connections: 1,
+        check_after_idle: Duration::from_secs(3600),
+        ..pool_settings()
+    };
+    let store = PgTaskStore::connect_with(schema.options(), &unchecked)
+        .await
+        .unwrap();
+    terminate(&url, backend_pid(&store).await).await;
+    let failed = store.list("alice", &ListFilter::default()).await;
+    assert!(matches!(failed, Err(StoreError::Database(_))), "{failed:?}");
+    store.list("alice", &ListFilter::default()).await.unwrap();
 }

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, SqliteConnection};
 use task_api::auth::{self, Verifier};
 use task_api::config::{AuthConfig, CorsOrigins};
 use task_api::http::{AppState, HttpOptions, app};
@@ -253,8 +253,10 @@ impl TestApp {
     /// A second, direct connection to the app's database (to hold locks, inspect rows).
     pub async fn side_connection(&self) -> SideConnection {
         match &self.db {
-            Db::Sqlite { store, .. } => {
-                SideConnection::Sqlite(store.pool().acquire().await.unwrap().detach())
+            Db::Sqlite { _dir, .. } => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(_dir.path().join("tasks.db"));
+                SideConnection::Sqlite(SqliteConnection::connect_with(&options).await.unwrap())
             }
             Db::Postgres { _schema, .. } => SideConnection::Postgres(
                 PgConnection::connect_with(&_schema.options())
@@ -274,8 +276,8 @@ impl TestApp {
     /// Makes the database unreachable for the rest of the test.
     pub async fn close_database(&self) {
         match &self.db {
-            Db::Sqlite { store, .. } => store.pool().close().await,
-            Db::Postgres { store, .. } => store.pool().close().await,
+            Db::Sqlite { store, .. } => store.pool().close(),
+            Db::Postgres { store, .. } => store.pool().close(),
         }
     }
 
