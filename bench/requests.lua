@@ -2,63 +2,55 @@
 -- Usage: wrk ... -s bench/requests.lua <url> -- <scenario>
 -- Scenarios: list, get, create, patch, mixed (40% list, 40% get, 10% patch, 10% create), health.
 -- Reads "user token first_task_id" lines from the file named by BENCH_USERS.
+-- Every request is formatted once, in init: building strings per request would make the
+-- load generator, which shares the machine, take CPU the server and database need.
 
-local users = {}
 local scenario
 local counter = 0
 local TASKS_PER_USER = 20
+local lists, gets, creates, patches = {}, {}, {}, {}
+local health
 
 function init(args)
   scenario = args[1] or "list"
   for line in io.lines(os.getenv("BENCH_USERS")) do
     local user, token, first = line:match("(%S+) (%S+) (%S+)")
-    users[#users + 1] = {
-      path = "/api/" .. user .. "/tasks",
-      auth = "Bearer " .. token,
-      first = tonumber(first),
-    }
+    local path = "/api/" .. user .. "/tasks"
+    local auth = { ["Authorization"] = "Bearer " .. token }
+    local json = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" }
+    lists[#lists + 1] = wrk.format("GET", path .. "?limit=20", auth)
+    creates[#creates + 1] = wrk.format("POST", path, json,
+      '{"title": "benchmark task", "description": "made by wrk"}')
+    for i = 0, TASKS_PER_USER - 1 do
+      local task = path .. "/" .. (tonumber(first) + i)
+      gets[#gets + 1] = wrk.format("GET", task, auth)
+      patches[#patches + 1] = wrk.format("PATCH", task, json,
+        '{"complete": ' .. ((i % 2 == 0) and "true" or "false") .. '}')
+    end
   end
+  health = wrk.format("GET", "/health")
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 1000)
-  counter = math.random(1, #users)
+  counter = math.random(1, #gets)
 end
 
-local function list(u)
-  return wrk.format("GET", u.path .. "?limit=20", { ["Authorization"] = u.auth })
-end
-
-local function get(u)
-  local id = u.first + (counter % TASKS_PER_USER)
-  return wrk.format("GET", u.path .. "/" .. id, { ["Authorization"] = u.auth })
-end
-
-local function create(u)
-  return wrk.format("POST", u.path,
-    { ["Authorization"] = u.auth, ["Content-Type"] = "application/json" },
-    '{"title": "benchmark task", "description": "made by wrk"}')
-end
-
-local function patch(u)
-  local id = u.first + (counter % TASKS_PER_USER)
-  local done = (counter % 2 == 0) and "true" or "false"
-  return wrk.format("PATCH", u.path .. "/" .. id,
-    { ["Authorization"] = u.auth, ["Content-Type"] = "application/json" },
-    '{"complete": ' .. done .. '}')
+-- Consecutive requests go to different users; gets and patches walk each user's tasks.
+local function pick(t)
+  return t[(counter % #t) + 1]
 end
 
 function request()
   counter = counter + 1
-  local u = users[(counter % #users) + 1]
-  if scenario == "list" then return list(u)
-  elseif scenario == "get" then return get(u)
-  elseif scenario == "create" then return create(u)
-  elseif scenario == "patch" then return patch(u)
-  elseif scenario == "health" then return wrk.format("GET", "/health")
+  if scenario == "list" then return pick(lists)
+  elseif scenario == "get" then return pick(gets)
+  elseif scenario == "create" then return pick(creates)
+  elseif scenario == "patch" then return pick(patches)
+  elseif scenario == "health" then return health
   else
     local r = math.random(100)
-    if r <= 40 then return list(u)
-    elseif r <= 80 then return get(u)
-    elseif r <= 90 then return patch(u)
-    else return create(u) end
+    if r <= 40 then return pick(lists)
+    elseif r <= 80 then return pick(gets)
+    elseif r <= 90 then return pick(patches)
+    else return pick(creates) end
   end
 end
 

@@ -56,17 +56,22 @@ impl PgTaskStore {
         options: PgConnectOptions,
         settings: &PoolSettings,
     ) -> Result<Self, sqlx::Error> {
-        let statement_timeout: Arc<str> = format!(
-            "SET statement_timeout = {}",
+        // One round trip when a connection opens. Every statement here is prepared once
+        // per connection and its best plan is the same whatever the parameters (an index
+        // lookup by owner or id), so the generic plan is kept: by default PostgreSQL
+        // re-plans the list statement on every execution, which costs more than running
+        // it.
+        let session_setup: Arc<str> = format!(
+            "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
             settings.statement_timeout.as_millis()
         )
         .into();
         let pool = Pool::new(
             Box::new(move || {
-                let (options, statement_timeout) = (options.clone(), statement_timeout.clone());
+                let (options, session_setup) = (options.clone(), session_setup.clone());
                 Box::pin(async move {
                     let mut conn = options.connect().await?;
-                    conn.execute(&*statement_timeout).await?;
+                    conn.execute(&*session_setup).await?;
                     Ok(conn)
                 })
             }),

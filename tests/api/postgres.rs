@@ -204,7 +204,7 @@ async fn works_over_tls_with_sslmode_require() {
 }
 
 #[tokio::test]
-async fn every_connection_carries_a_statement_timeout() {
+async fn every_connection_carries_a_statement_timeout_and_keeps_generic_plans() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
     let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
@@ -216,6 +216,11 @@ async fn every_connection_carries_a_statement_timeout() {
         .await
         .unwrap();
     assert_eq!(timeout, "1500ms");
+    let plans: String = conn
+        .run(|c| sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(c))
+        .await
+        .unwrap();
+    assert_eq!(plans, "force_generic_plan");
     // A statement past it is cancelled by the server.
     let slow = conn
         .run(|c| sqlx::query("SELECT pg_sleep(3)").execute(c))
