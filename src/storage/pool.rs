@@ -171,6 +171,11 @@ impl<C: Connection + 'static> Pool<C> {
         }
     }
 
+    /// Whether both handles are the same pool.
+    pub fn is_same(&self, other: &Self) -> bool {
+        std::ptr::eq(self.inner.manager(), other.inner.manager())
+    }
+
     pub fn acquire_wait(&self) -> &Histogram {
         &self.acquire_wait
     }

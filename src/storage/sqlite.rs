@@ -48,7 +48,13 @@ fn from_micros(micros: i64) -> DateTime<Utc> {
 
 #[derive(Clone)]
 pub struct SqliteTaskStore {
-    pool: Pool<SqliteConnection>,
+    /// Reads: up to `max_connections` at once (in WAL mode readers block neither each
+    /// other nor the writer).
+    readers: Pool<SqliteConnection>,
+    /// Writes: SQLite takes one writer at a time, so writes share one connection and
+    /// queue for it in the pool, first come first served. Left to SQLite's busy handler,
+    /// whose sleeps grow the longer it waits, concurrent writers get long tails.
+    writer: Pool<SqliteConnection>,
 }
 
 impl SqliteTaskStore {
@@ -60,51 +66,61 @@ impl SqliteTaskStore {
             // except for the last transactions on power loss (not on a crash).
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            // SQLite has one writer at a time: wait for it instead of failing at once.
+            // Another process (a backup, the sqlite3 shell) may hold the write lock:
+            // wait for it instead of failing at once.
             .busy_timeout(Duration::from_secs(5));
-        // An in-memory database lives and dies with its one connection.
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let (max_size, lifecycle) = if in_memory {
-            let keep = Lifecycle {
-                max_lifetime: None,
-                idle_timeout: None,
-                drop_interrupted: false,
-                ..Lifecycle::server(settings.check_after_idle)
-            };
-            (1, keep)
-        } else {
-            let file = Lifecycle {
-                max_lifetime: None,
-                ..Lifecycle::server(settings.check_after_idle)
-            };
-            (settings.max_connections as usize, file)
-        };
-        let pool = Pool::new(
+        let connect = move || -> super::pool::Connect<SqliteConnection> {
+            let options = options.clone();
             Box::new(move || {
                 let options = options.clone();
                 Box::pin(async move { options.connect().await })
-            }),
-            max_size,
-            settings.acquire_timeout,
-            lifecycle,
-            wait_histogram(),
-        );
-        let mut conn = pool.get().await?;
+            })
+        };
+        let wait = wait_histogram();
+        let file = Lifecycle {
+            max_lifetime: None,
+            ..Lifecycle::server(settings.check_after_idle)
+        };
+        // An in-memory database lives and dies with its one connection.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let writer = if in_memory {
+            let keep = Lifecycle {
+                idle_timeout: None,
+                drop_interrupted: false,
+                ..file
+            };
+            Pool::new(connect(), 1, settings.acquire_timeout, keep, wait.clone())
+        } else {
+            Pool::new(connect(), 1, settings.acquire_timeout, file, wait.clone())
+        };
+        let mut conn = writer.get().await?;
         conn.run(|conn| async {
             sqlx::migrate!("migrations/sqlite").run(conn).await?;
             Ok(())
         })
         .await?;
-        Ok(Self { pool })
+        drop(conn);
+        let readers = if in_memory {
+            writer.clone()
+        } else {
+            let size = settings.max_connections as usize;
+            Pool::new(connect(), size, settings.acquire_timeout, file, wait)
+        };
+        Ok(Self { readers, writer })
     }
 
-    /// The store's connection pool (for tools and tests that need a raw connection).
-    pub fn pool(&self) -> &Pool<SqliteConnection> {
-        &self.pool
+    /// Closes every connection; calls made afterwards fail.
+    pub fn close(&self) {
+        self.readers.close();
+        self.writer.close();
     }
 
-    async fn conn(&self) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
-        self.pool.get().await
+    async fn read(&self) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
+        self.readers.get().await
+    }
+
+    async fn write(&self) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
+        self.writer.get().await
     }
 }
 
@@ -126,7 +142,7 @@ async fn explain_missing(conn: &mut Tracked<SqliteConnection>, id: i64) -> Store
 #[async_trait]
 impl TaskStore for SqliteTaskStore {
     async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.read().await?;
         // `LIMIT -1` is no limit.
         let rows: Vec<TaskRow> = conn
             .run(|conn| {
@@ -152,7 +168,7 @@ impl TaskStore for SqliteTaskStore {
         task: &NewTask,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write().await?;
         let row: TaskRow = conn
             .run(|conn| {
                 sqlx::query_as(
@@ -171,7 +187,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.read().await?;
         let row: Option<TaskRow> = conn
             .run(|conn| {
                 sqlx::query_as(
@@ -196,7 +212,7 @@ impl TaskStore for SqliteTaskStore {
         task: &TaskReplace,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write().await?;
         let row: Option<TaskRow> = conn
             .run(|conn| {
                 sqlx::query_as(
@@ -228,7 +244,7 @@ impl TaskStore for SqliteTaskStore {
         patch: &TaskPatch,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write().await?;
         let row: Option<TaskRow> = conn
             .run(|conn| {
                 sqlx::query_as(
@@ -262,7 +278,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write().await?;
         let done = conn
             .run(|conn| {
                 sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
@@ -278,7 +294,7 @@ impl TaskStore for SqliteTaskStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.read().await?;
         conn.run(|conn| sqlx::query("SELECT 1").execute(conn))
             .await?;
         Ok(())
@@ -289,10 +305,17 @@ impl TaskStore for SqliteTaskStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        self.pool.status()
+        let (readers, writer) = (self.readers.status(), self.writer.status());
+        if self.readers.is_same(&self.writer) {
+            return writer;
+        }
+        PoolStatus {
+            size: readers.size + writer.size,
+            idle: readers.idle + writer.idle,
+        }
     }
 
     fn acquire_wait(&self) -> Histogram {
-        self.pool.acquire_wait().clone()
+        self.writer.acquire_wait().clone()
     }
 }

@@ -276,7 +276,7 @@ impl TestApp {
     /// Makes the database unreachable for the rest of the test.
     pub async fn close_database(&self) {
         match &self.db {
-            Db::Sqlite { store, .. } => store.pool().close(),
+            Db::Sqlite { store, .. } => store.close(),
             Db::Postgres { store, .. } => store.pool().close(),
         }
     }
