@@ -30,8 +30,7 @@ pub struct Lifecycle {
     pub max_lifetime: Option<Duration>,
     /// A connection unused this long is closed by the reaper; `None`: kept for good.
     pub idle_timeout: Option<Duration>,
-    /// Whether a connection whose last call was cancelled is dropped (not for an
-    /// in-memory SQLite database, which lives and dies with its one connection).
+    /// Whether a connection whose last call was cut short or failed is dropped.
     pub drop_interrupted: bool,
 }
 
@@ -135,6 +134,9 @@ impl<C: Connection + 'static> Pool<C> {
     ) -> Self {
         let inner = managed::Pool::builder(Manager { connect, lifecycle })
             .max_size(max_size)
+            // The most recently used connection first: under light load the same few
+            // stay warm (no idle check), and the rest go idle and are closed.
+            .queue_mode(managed::QueueMode::Lifo)
             .runtime(deadpool::Runtime::Tokio1)
             .wait_timeout(Some(acquire_timeout))
             .create_timeout(Some(acquire_timeout))

@@ -2,12 +2,13 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Executor};
+use sqlx::{ConnectOptions, Connection, Executor};
 
 use super::pool::{Lifecycle, Pool, Pooled, Tracked};
 use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
@@ -39,6 +40,10 @@ impl From<TaskRow> for Task {
     }
 }
 
+/// How long start-up waits to reach the database: a suspended Neon compute takes a few
+/// seconds to wake.
+pub const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct PgTaskStore {
     pool: Pool<PgConnection>,
@@ -56,6 +61,15 @@ impl PgTaskStore {
         options: PgConnectOptions,
         settings: &PoolSettings,
     ) -> Result<Self, sqlx::Error> {
+        // Migrations run on a connection of their own, without the statement timeout
+        // below: waiting for another instance's migration lock, or rewriting a large
+        // Stage 1 table, may well take longer than a request may.
+        let mut conn = tokio::time::timeout(STARTUP_CONNECT_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        sqlx::migrate!("migrations/postgres").run(&mut conn).await?;
+        conn.close().await?;
+
         // One round trip when a connection opens. Every statement here is prepared once
         // per connection and its best plan is the same whatever the parameters (an index
         // lookup by owner or id), so the generic plan is kept: by default PostgreSQL
@@ -80,12 +94,6 @@ impl PgTaskStore {
             Lifecycle::server(settings.check_after_idle),
             wait_histogram(),
         );
-        let mut conn = pool.get().await?;
-        conn.run(|conn| async {
-            sqlx::migrate!("migrations/postgres").run(conn).await?;
-            Ok(())
-        })
-        .await?;
         Ok(Self { pool })
     }
 

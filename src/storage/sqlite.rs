@@ -79,14 +79,19 @@ impl SqliteTaskStore {
         let wait = wait_histogram();
         let file = Lifecycle {
             max_lifetime: None,
+            // sqlx's SQLite worker finishes or resets a statement whose caller went
+            // away, so the connection stays usable; dropping it would not stop that
+            // statement, and a second writer would open beside it.
+            drop_interrupted: false,
             ..Lifecycle::server(settings.check_after_idle)
         };
         // An in-memory database lives and dies with its one connection.
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let writer = if in_memory {
+            // Nothing may ever close the one connection that holds the database.
             let keep = Lifecycle {
+                check_after_idle: Duration::MAX,
                 idle_timeout: None,
-                drop_interrupted: false,
                 ..file
             };
             Pool::new(connect(), 1, settings.acquire_timeout, keep, wait.clone())

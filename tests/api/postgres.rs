@@ -324,3 +324,58 @@ async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
     assert!(matches!(failed, Err(StoreError::Database(_))), "{failed:?}");
     store.list("alice", &ListFilter::default()).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_most_recently_used_connection_is_handed_out_first() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let settings = PoolSettings {
+        max_connections: 3,
+        ..pool_settings()
+    };
+    let store = PgTaskStore::connect_with(schema.options(), &settings)
+        .await
+        .unwrap();
+    // A burst opens three connections; they come back one after another.
+    let mut burst = Vec::new();
+    for _ in 0..3 {
+        burst.push(store.pool().get().await.unwrap());
+    }
+    let mut pids = Vec::new();
+    for conn in &mut burst {
+        let pid: i32 = conn
+            .run(|c| sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c))
+            .await
+            .unwrap();
+        pids.push(pid);
+    }
+    drop(burst);
+    // Light load afterwards keeps using the last one back; the others stay idle until
+    // the reaper closes them.
+    for _ in 0..3 {
+        assert_eq!(backend_pid(&store).await, pids[2]);
+    }
+}
+
+#[tokio::test]
+async fn migrations_wait_out_a_lock_longer_than_any_request_may() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let _first = PgTaskStore::connect_with(schema.options(), &pool_settings())
+        .await
+        .unwrap();
+    // Another instance holds the migrations table for 2.5 s, past the 1.5 s statement
+    // timeout requests run under (the server itself ends that session after 2.5 s).
+    let mut other = PgConnection::connect_with(&schema.options()).await.unwrap();
+    other
+        .execute(
+            "SET idle_in_transaction_session_timeout = 2500;
+             BEGIN; LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let second = PgTaskStore::connect_with(schema.options(), &pool_settings()).await;
+    assert!(second.is_ok(), "{:?}", second.err());
+    assert!(started.elapsed() >= Duration::from_secs(2), "it did wait");
+}
