@@ -228,6 +228,21 @@ async fn every_connection_carries_a_statement_timeout_and_keeps_generic_plans() 
     assert!(slow.unwrap_err().to_string().contains("statement timeout"));
 }
 
+/// A store on `schema` with a pool of `max_connections`, other settings as `tweak` says.
+async fn store_on(
+    schema: &PgSchema,
+    max_connections: u32,
+    tweak: impl FnOnce(PoolSettings) -> PoolSettings,
+) -> PgTaskStore {
+    let settings = tweak(PoolSettings {
+        max_connections,
+        ..pool_settings()
+    });
+    PgTaskStore::connect_with(schema.options(), &settings)
+        .await
+        .unwrap()
+}
+
 /// The server process behind a pooled connection.
 async fn backend_pid(store: &PgTaskStore) -> i32 {
     let mut conn = store.pool().get().await.unwrap();
@@ -250,13 +265,7 @@ async fn terminate(url: &str, pid: i32) {
 async fn a_finished_call_leaves_its_connection_for_the_next() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let settings = PoolSettings {
-        max_connections: 1,
-        ..pool_settings()
-    };
-    let store = PgTaskStore::connect_with(schema.options(), &settings)
-        .await
-        .unwrap();
+    let store = store_on(&schema, 1, |s| s).await;
     let first = backend_pid(&store).await;
     store.list("alice", &ListFilter::default()).await.unwrap();
     assert_eq!(backend_pid(&store).await, first);
@@ -267,13 +276,7 @@ async fn a_finished_call_leaves_its_connection_for_the_next() {
 async fn a_call_cut_short_never_hands_its_connection_out_again() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let settings = PoolSettings {
-        max_connections: 1,
-        ..pool_settings()
-    };
-    let store = PgTaskStore::connect_with(schema.options(), &settings)
-        .await
-        .unwrap();
+    let store = store_on(&schema, 1, |s| s).await;
     let first = backend_pid(&store).await;
     {
         let mut conn = store.pool().get().await.unwrap();
@@ -297,28 +300,22 @@ async fn a_call_cut_short_never_hands_its_connection_out_again() {
 async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let checked = PoolSettings {
-        max_connections: 1,
+    let store = store_on(&schema, 1, |s| PoolSettings {
         check_after_idle: Duration::ZERO,
-        ..pool_settings()
-    };
-    let store = PgTaskStore::connect_with(schema.options(), &checked)
-        .await
-        .unwrap();
+        ..s
+    })
+    .await;
     terminate(&url, backend_pid(&store).await).await;
     // The ping at checkout finds it dead; the call runs on a fresh connection.
     store.list("alice", &ListFilter::default()).await.unwrap();
 
     // Without the idle check (busy connections are not pinged), the first call on a
     // connection closed behind the pool's back fails, and the pool replaces it.
-    let unchecked = PoolSettings {
-        max_connections: 1,
+    let store = store_on(&schema, 1, |s| PoolSettings {
         check_after_idle: Duration::from_secs(3600),
-        ..pool_settings()
-    };
-    let store = PgTaskStore::connect_with(schema.options(), &unchecked)
-        .await
-        .unwrap();
+        ..s
+    })
+    .await;
     terminate(&url, backend_pid(&store).await).await;
     let failed = store.list("alice", &ListFilter::default()).await;
     assert!(matches!(failed, Err(StoreError::Database(_))), "{failed:?}");
@@ -329,13 +326,7 @@ async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
 async fn the_most_recently_used_connection_is_handed_out_first() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let settings = PoolSettings {
-        max_connections: 3,
-        ..pool_settings()
-    };
-    let store = PgTaskStore::connect_with(schema.options(), &settings)
-        .await
-        .unwrap();
+    let store = store_on(&schema, 3, |s| s).await;
     // A burst opens three connections; they come back one after another.
     let mut burst = Vec::new();
     for _ in 0..3 {
