@@ -207,9 +207,7 @@ async fn works_over_tls_with_sslmode_require() {
 async fn every_connection_carries_a_statement_timeout_and_keeps_generic_plans() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
-        .await
-        .unwrap();
+    let store = store_on(&schema, 1, |s| s).await;
     let mut conn = store.pool().get().await.unwrap();
     let timeout: String = conn
         .run(|c| sqlx::query_scalar("SHOW statement_timeout").fetch_one(c))
@@ -352,9 +350,7 @@ async fn the_most_recently_used_connection_is_handed_out_first() {
 async fn migrations_wait_out_a_lock_longer_than_any_request_may() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
-    let _first = PgTaskStore::connect_with(schema.options(), &pool_settings())
-        .await
-        .unwrap();
+    let _first = store_on(&schema, 1, |s| s).await;
     // Another instance holds the migrations table for 2.5 s, past the 1.5 s statement
     // timeout requests run under (the server itself ends that session after 2.5 s).
     let mut other = PgConnection::connect_with(&schema.options()).await.unwrap();
