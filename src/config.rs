@@ -130,6 +130,10 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Requests handled at once; the excess gets 503 at once (`MAX_CONCURRENT_REQUESTS`).
     pub max_concurrent_requests: usize,
+    /// PUT, PATCH and DELETE without `If-Match` get 428 (`REQUIRE_IF_MATCH`).
+    pub require_if_match: bool,
+    /// How long an `Idempotency-Key` is remembered (`IDEMPOTENCY_TTL`, default 24 h).
+    pub idempotency_ttl: std::time::Duration,
 }
 
 /// Enough to keep the database pool busy several times over, few enough that waiting
@@ -205,6 +209,21 @@ impl Config {
             },
         };
 
+        let require_if_match = match get("REQUIRE_IF_MATCH").as_deref().map(str::trim) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "REQUIRE_IF_MATCH",
+                    format!("expected true or false, got {other:?}"),
+                ));
+            }
+        };
+        let idempotency_ttl = match get("IDEMPOTENCY_TTL") {
+            None => crate::idempotency::DEFAULT_TTL,
+            Some(v) => parse_duration("IDEMPOTENCY_TTL", &v)?,
+        };
+
         let auth = auth_config(&get)?;
         if environment == Environment::Production && !auth.has_key() {
             return Err(ConfigError::new(
@@ -278,7 +297,24 @@ impl Config {
             tls,
             metrics_addr,
             max_concurrent_requests,
+            require_if_match,
+            idempotency_ttl,
         })
+    }
+}
+
+/// A duration as the contract writes them: `30d`, `24h`, `60s`, `500ms` (any
+/// humantime form), more than zero.
+fn parse_duration(
+    setting: &'static str,
+    value: &str,
+) -> Result<std::time::Duration, ConfigError> {
+    match humantime::parse_duration(value.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(ConfigError::new(
+            setting,
+            format!("expected a duration such as 24h, 60s or 500ms, got {value:?}"),
+        )),
     }
 }
 

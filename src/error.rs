@@ -12,9 +12,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
-use crate::storage::StoreError;
-use crate::tasks::BodyError;
-
 /// Seconds a client should wait before retrying after a database failure or load shedding.
 pub const RETRY_AFTER_SECS: &str = "1";
 
@@ -86,33 +83,20 @@ pub enum ApiError {
     /// 503: the service cannot take the request in time (health check, load shedding).
     #[error("{0}")]
     Unavailable(&'static str),
+    /// 412: `If-Match` named no current version; carries the task's current version.
+    #[error("precondition failed")]
+    PreconditionFailed { current: i64 },
+    /// 428: `REQUIRE_IF_MATCH` is on and the write has no `If-Match`.
+    #[error("precondition required")]
+    PreconditionRequired,
+    /// 422: the `Idempotency-Key` was first used with another request.
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
 }
 
 impl ApiError {
     pub fn validation(error: FieldError) -> Self {
         Self::Validation(vec![error])
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::NotFound => Self::NotFound("Task not found"),
-            StoreError::NotOwner => Self::Forbidden,
-            StoreError::Database(e) => Self::Database(e),
-            StoreError::Timeout => Self::DatabaseTimeout,
-        }
-    }
-}
-
-impl From<BodyError> for ApiError {
-    fn from(error: BodyError) -> Self {
-        match error {
-            BodyError::Invalid(errors) => Self::Validation(errors),
-            BodyError::EmptyPatch => {
-                Self::BadRequest("PATCH needs at least one of title, description, complete".into())
-            }
-        }
     }
 }
 
@@ -239,6 +223,36 @@ impl IntoResponse for ApiError {
             Self::Unavailable(detail) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorReport::message("SERVICE_UNAVAILABLE", detail),
+            ),
+            Self::PreconditionFailed { current } => {
+                let mut response = (
+                    StatusCode::PRECONDITION_FAILED,
+                    [(header::ETAG, crate::versions::task_etag(current))],
+                )
+                    .into_response();
+                response.extensions_mut().insert(ErrorReport::message(
+                    "PRECONDITION_FAILED",
+                    "If-Match does not name the task's current version (see ETag)",
+                ));
+                return response;
+            }
+            Self::PreconditionRequired => (
+                StatusCode::PRECONDITION_REQUIRED,
+                ErrorReport::message(
+                    "PRECONDITION_REQUIRED",
+                    "This service requires If-Match on PUT, PATCH and DELETE",
+                ),
+            ),
+            Self::IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorReport {
+                    code: "IDEMPOTENCY_KEY_REUSED",
+                    detail: ErrorDetail::Fields(vec![FieldError::new(
+                        &["header", "Idempotency-Key"],
+                        "idempotency_key_reused",
+                        "This Idempotency-Key was used with a different request",
+                    )]),
+                },
             ),
         };
         let mut response = status.into_response();

@@ -21,7 +21,8 @@ use crate::auth::Verifier;
 use crate::config::CorsOrigins;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::storage::TaskStore;
+use crate::storage::{StoreError, TaskStore};
+use crate::tasks::BodyError;
 
 pub mod extract;
 pub mod middleware;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub store: Arc<dyn TaskStore>,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
+    /// PUT, PATCH and DELETE without `If-Match` get 428 (`REQUIRE_IF_MATCH`).
+    pub require_if_match: bool,
+    /// How long an `Idempotency-Key` is remembered after its create (`IDEMPOTENCY_TTL`).
+    pub idempotency_ttl: Duration,
 }
 
 impl AppState {
@@ -51,6 +56,8 @@ impl AppState {
             store,
             verifier: Arc::new(verifier),
             metrics: Arc::new(metrics),
+            require_if_match: false,
+            idempotency_ttl: crate::idempotency::DEFAULT_TTL,
         }
     }
 }
@@ -61,6 +68,10 @@ pub struct HttpOptions {
     pub cors: CorsOrigins,
     /// Requests handled at once; the excess is answered 503 at once, never queued.
     pub max_concurrent_requests: usize,
+    /// PUT, PATCH and DELETE without `If-Match` get 428.
+    pub require_if_match: bool,
+    /// How long an `Idempotency-Key` is remembered after its create.
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for HttpOptions {
@@ -68,13 +79,41 @@ impl Default for HttpOptions {
         Self {
             cors: CorsOrigins::None,
             max_concurrent_requests: crate::config::DEFAULT_MAX_CONCURRENT_REQUESTS,
+            require_if_match: false,
+            idempotency_ttl: crate::idempotency::DEFAULT_TTL,
+        }
+    }
+}
+
+/// How the store's answers map to the contract's errors.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => Self::NotFound("Task not found"),
+            StoreError::NotOwner => Self::Forbidden,
+            StoreError::Database(e) => Self::Database(e),
+            StoreError::Timeout => Self::DatabaseTimeout,
+            StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
+        }
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::Invalid(errors) => Self::Validation(errors),
+            BodyError::EmptyPatch => {
+                Self::BadRequest("PATCH needs at least one of title, description, complete".into())
+            }
         }
     }
 }
 
 /// The whole service as one router: the API, its OpenAPI document at `/openapi.json`
 /// and Swagger UI at `/docs` (assets served from the binary).
-pub fn app(state: AppState, options: &HttpOptions) -> Router {
+pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
+    state.require_if_match = options.require_if_match;
+    state.idempotency_ttl = options.idempotency_ttl;
     let (api, document) = tasks::router().routes(routes!(health)).split_for_parts();
     let document = openapi::ApiDoc::openapi().merge_from(document);
     let router = api
@@ -176,8 +215,20 @@ fn cors_layer(origins: &CorsOrigins) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 X_REQUEST_ID.clone(),
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+                extract::IDEMPOTENCY_KEY.clone(),
+                HeaderName::from_static("last-event-id"),
             ])
-            .expose_headers([header::LOCATION, X_REQUEST_ID.clone()])
+            .expose_headers([
+                header::ETAG,
+                header::LOCATION,
+                X_REQUEST_ID.clone(),
+                header::RETRY_AFTER,
+                tasks::IDEMPOTENT_REPLAYED.clone(),
+                HeaderName::from_static("ratelimit"),
+                HeaderName::from_static("ratelimit-policy"),
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }

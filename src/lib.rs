@@ -15,11 +15,13 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod storage;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
+pub mod versions;
 
 use config::Config;
 
@@ -70,6 +72,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let verifier = auth::Verifier::new(&config.auth);
     // Until the first fetch succeeds, JWKS-signed tokens get 503; /health is unaffected.
     verifier.spawn_jwks_refresh();
+    tokio::spawn(storage::purge_idempotency_keys_forever(
+        store.clone(),
+        config.idempotency_ttl,
+    ));
     let state = http::AppState::new(store, verifier);
 
     if let Some(metrics_addr) = config.metrics_addr {
@@ -84,6 +90,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let options = http::HttpOptions {
         cors: config.cors_origins.clone(),
         max_concurrent_requests: config.max_concurrent_requests,
+        require_if_match: config.require_if_match,
+        idempotency_ttl: config.idempotency_ttl,
     };
     let app = http::app(state, &options);
     match tls {

@@ -1,9 +1,14 @@
-//! Task storage: one interface, with a PostgreSQL and an SQLite implementation.
+//! Task storage: one interface, with a PostgreSQL and an SQLite implementation that share
+//! their statements and logic (`sql`) and differ only in dialect.
 //!
-//! Every successful call is one SQL statement: the owner is part of the `WHERE` and the
+//! Every successful call is one SQL statement (an idempotent create on SQLite: one
+//! transaction): the owner and the `If-Match` versions are part of the `WHERE` and the
 //! row comes back through `RETURNING`, so there is no read-then-write race. Only when a
 //! statement touches no row does a second query tell "no such task" (404) from "someone
-//! else's task" (403).
+//! else's task" (403) from "another version" (412).
+//!
+//! Every write also bumps the user's change counter: a trigger in the schema does it, in
+//! the write's own transaction (see the migrations).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +16,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
+use crate::idempotency::{Claim, IdempotencyKey, purge_interval};
 use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+use crate::versions::VersionGuard;
 
 pub mod pool;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 pub use postgres::PgTaskStore;
@@ -30,26 +38,50 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("the database did not answer within {CALL_DEADLINE:?}")]
     Timeout,
+    /// The task exists and is the caller's, but its version is not one `If-Match` named.
+    #[error("task is at version {current}")]
+    VersionMismatch { current: i64 },
+}
+
+/// A page of the user's tasks and their change counter, read in one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    /// The user's change counter (0 before their first write): the list's `ETag`.
+    pub marker: i64,
 }
 
 /// Storage of tasks. `now` is passed in so that every backend stamps the same instant;
 /// `updated_at` becomes `max(now, previous updated_at + 1 µs)`, so it strictly increases.
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
-    /// The user's tasks, oldest first (by id).
-    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError>;
+    /// The user's tasks, oldest first (by id), and their change counter.
+    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<TaskPage, StoreError>;
+    /// The user's change counter alone: one index probe, no task read.
+    async fn change_marker(&self, user_id: &str) -> Result<i64, StoreError>;
     async fn create(
         &self,
         user_id: &str,
         task: &NewTask,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError>;
+    /// Creates the task and claims `key` for it in one atomic step, unless the key is
+    /// held by a create made after `remembered_since`: then that create is returned.
+    async fn create_with_key(
+        &self,
+        user_id: &str,
+        key: &IdempotencyKey,
+        task: &NewTask,
+        now: DateTime<Utc>,
+        remembered_since: DateTime<Utc>,
+    ) -> Result<Claim, StoreError>;
     async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError>;
     async fn replace(
         &self,
         user_id: &str,
         id: i64,
         task: &TaskReplace,
+        guard: &VersionGuard,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError>;
     async fn patch(
@@ -57,9 +89,18 @@ pub trait TaskStore: Send + Sync + 'static {
         user_id: &str,
         id: i64,
         patch: &TaskPatch,
+        guard: &VersionGuard,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError>;
-    async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError>;
+    async fn delete(&self, user_id: &str, id: i64, guard: &VersionGuard)
+    -> Result<(), StoreError>;
+    /// Deletes up to `limit` idempotency keys made at or before `cutoff`, oldest first;
+    /// returns how many.
+    async fn purge_idempotency_keys(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// `"postgres"` or `"sqlite"`.
@@ -129,10 +170,47 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Tells 404 from 403 once a statement scoped to the owner matched no row.
-fn missing(owner: Option<String>) -> StoreError {
-    match owner {
-        Some(_) => StoreError::NotOwner,
+/// Tells 404 from 403 from 412 once a write scoped to the owner and the `If-Match`
+/// versions matched no row, from the task's owner and version (if it exists).
+fn missing(found: Option<(String, i64)>, user_id: &str) -> StoreError {
+    match found {
         None => StoreError::NotFound,
+        Some((owner, _)) if owner != user_id => StoreError::NotOwner,
+        Some((_, current)) => StoreError::VersionMismatch { current },
     }
+}
+
+/// Keys deleted per statement: each purge statement stays short however many expired.
+pub const PURGE_BATCH: i64 = 1000;
+/// Statements per purge run: a run's work is bounded; what is left waits for the next.
+pub const PURGE_BATCHES_PER_RUN: usize = 20;
+
+/// Deletes forgotten idempotency keys every [`purge_interval`], until the process ends.
+pub async fn purge_idempotency_keys_forever(store: Arc<dyn TaskStore>, ttl: Duration) {
+    let mut tick = tokio::time::interval(purge_interval(ttl));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = purge_idempotency_keys_once(store.as_ref(), ttl).await {
+            tracing::warn!(%error, "purging forgotten idempotency keys failed; will retry");
+        }
+    }
+}
+
+/// One purge run: up to [`PURGE_BATCHES_PER_RUN`] × [`PURGE_BATCH`] keys older than
+/// `ttl`. Returns how many it deleted.
+pub async fn purge_idempotency_keys_once(
+    store: &dyn TaskStore,
+    ttl: Duration,
+) -> Result<u64, StoreError> {
+    let cutoff = crate::idempotency::remembered_since(now(), ttl);
+    let mut deleted = 0;
+    for _ in 0..PURGE_BATCHES_PER_RUN {
+        let n = within_deadline(store.purge_idempotency_keys(cutoff, PURGE_BATCH)).await?;
+        deleted += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    Ok(deleted)
 }

@@ -19,7 +19,7 @@ pub const LIST_LIMIT_MAX: i64 = 1000;
 
 /// A stored task, as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"id": 1, "user_id": "alice", "title": "Buy milk", "description": "2 litres", "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z"}))]
+#[schema(example = json!({"id": 1, "user_id": "alice", "title": "Buy milk", "description": "2 litres", "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z", "version": 1}))]
 pub struct Task {
     /// Assigned by the server; never reused.
     #[schema(minimum = 1)]
@@ -35,6 +35,9 @@ pub struct Task {
     /// RFC 3339, UTC; strictly increases on every PUT or PATCH.
     #[serde(serialize_with = "rfc3339_utc")]
     pub updated_at: DateTime<Utc>,
+    /// 1 on creation, +1 on every PUT or PATCH; the task's `ETag` is `"<version>"`.
+    #[schema(minimum = 1)]
+    pub version: i64,
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`: microseconds are kept so that two updates in the same
@@ -63,7 +66,7 @@ fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Erro
 
 /// `GET /tasks` response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"tasks": [{"id": 1, "user_id": "alice", "title": "Buy milk", "description": null, "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z"}], "count": 1}))]
+#[schema(example = json!({"tasks": [{"id": 1, "user_id": "alice", "title": "Buy milk", "description": null, "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z", "version": 1}], "count": 1}))]
 pub struct TaskList {
     /// Oldest first (by id).
     pub tasks: Vec<Task>,
@@ -576,6 +579,7 @@ mod tests {
             complete: false,
             created_at: at,
             updated_at: at,
+            version: 1,
         };
         let v = serde_json::to_value(&task).unwrap();
         assert_eq!(v["created_at"], "2026-01-02T03:04:05.123456Z");

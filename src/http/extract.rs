@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 use super::AppState;
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
+use crate::idempotency::IdempotencyKey;
 use crate::tasks::{ListFilter, parse_task_id};
+use crate::versions::TagList;
 
 /// Positions of the path parameters in `/api/{user_id}/tasks/{task_id}`.
 const USER_ID_SEGMENT: usize = 2;
@@ -66,6 +68,72 @@ impl<S: Send + Sync> FromRequestParts<S> for ListQuery {
         ListFilter::parse(parts.uri.query())
             .map(Self)
             .map_err(ApiError::Validation)
+    }
+}
+
+/// `If-Match`, if sent: 400 when it is not `*` or a list of entity tags.
+pub struct IfMatch(pub Option<TagList>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        tag_list(parts, &header::IF_MATCH, "If-Match").map(Self)
+    }
+}
+
+/// `If-None-Match`, if sent: 400 when it is not `*` or a list of entity tags.
+pub struct IfNoneMatch(pub Option<TagList>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        tag_list(parts, &header::IF_NONE_MATCH, "If-None-Match").map(Self)
+    }
+}
+
+fn tag_list(
+    parts: &Parts,
+    name: &header::HeaderName,
+    display: &'static str,
+) -> Result<Option<TagList>, ApiError> {
+    TagList::parse(parts.headers.get_all(name))
+        .transpose()
+        .map_err(|_| {
+            ApiError::BadRequest(
+                format!("{display} must be * or a list of entity tags such as \"3\"").into(),
+            )
+        })
+}
+
+pub static IDEMPOTENCY_KEY: header::HeaderName = header::HeaderName::from_static("idempotency-key");
+
+/// `Idempotency-Key`, if sent: 400 unless it is one header of 1–255 visible ASCII
+/// characters other than `"` (optionally in quotes).
+pub struct IdempotencyKeyHeader(pub Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let mut values = parts.headers.get_all(&IDEMPOTENCY_KEY).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return match parts.headers.contains_key(&IDEMPOTENCY_KEY) {
+                false => Ok(Self(None)),
+                true => Err(ApiError::BadRequest(
+                    "Send one Idempotency-Key header, not several".into(),
+                )),
+            };
+        };
+        IdempotencyKey::parse(value)
+            .map(|key| Self(Some(key)))
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "Idempotency-Key must be 1-255 visible ASCII characters other than '\"', optionally in quotes"
+                        .into(),
+                )
+            })
     }
 }
 

@@ -175,6 +175,9 @@ pub enum ErrorCode {
     DATABASE_ERROR,
     INTERNAL_ERROR,
     SERVICE_UNAVAILABLE,
+    PRECONDITION_FAILED,
+    PRECONDITION_REQUIRED,
+    IDEMPOTENCY_KEY_REUSED,
 }
 
 /// `/health` when the database answers.
@@ -236,4 +239,47 @@ pub enum TaskNotFound {
     /// No task with this id.
     #[response(status = 404, example = json!({"detail": "Task not found", "error_code": "NOT_FOUND", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     NotFound(ErrorResponse),
+}
+
+/// 422 of a create: a body of the wrong shape, or an `Idempotency-Key` reused.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum CreateInvalid {
+    /// `VALIDATION_ERROR`: every problem of the body, in FastAPI's shape; or
+    /// `IDEMPOTENCY_KEY_REUSED`: the key was first used with another title or description
+    /// (`loc: ["header", "Idempotency-Key"]`).
+    #[response(status = 422, example = json!({"detail": [{"loc": ["header", "Idempotency-Key"], "msg": "This Idempotency-Key was used with a different request", "type": "idempotency_key_reused"}], "error_code": "IDEMPOTENCY_KEY_REUSED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+    Invalid(ValidationErrorResponse),
+}
+
+/// 304 of a conditional GET.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum NotModified {
+    /// `If-None-Match` matched: no body.
+    #[response(status = 304, headers(("ETag" = String, description = "The current entity tag")))]
+    NotModified,
+}
+
+/// 400 of a malformed conditional header.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum Conditional {
+    /// `If-Match` or `If-None-Match` is not `*` or a list of entity tags (`VALIDATION_ERROR`).
+    #[response(status = 400, example = json!({"detail": "If-None-Match must be * or a list of entity tags such as \"3\"", "error_code": "VALIDATION_ERROR", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+    BadRequest(ErrorResponse),
+}
+
+/// Preconditions of a write (PUT, PATCH, DELETE).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum WritePreconditions {
+    /// `If-Match` names no current version of the task (`PRECONDITION_FAILED`); nothing
+    /// was changed.
+    #[response(status = 412, example = json!({"detail": "If-Match does not name the task's current version (see ETag)", "error_code": "PRECONDITION_FAILED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("ETag" = String, description = "The task's current version")))]
+    Failed(ErrorResponse),
+    /// The service runs with `REQUIRE_IF_MATCH=true` and the request has no `If-Match`
+    /// (`PRECONDITION_REQUIRED`).
+    #[response(status = 428, example = json!({"detail": "This service requires If-Match on PUT, PATCH and DELETE", "error_code": "PRECONDITION_REQUIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+    Required(ErrorResponse),
 }

@@ -1,21 +1,27 @@
-//! The six task endpoints. Each is: extract (checks in contract order), one store call.
+//! The six task endpoints. Each is: extract (checks in contract order), one store call,
+//! then the conditional-request rules that need the stored task.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{JsonObject, ListQuery, Owner, TaskId};
+use super::extract::{IdempotencyKeyHeader, IfMatch, IfNoneMatch, JsonObject, ListQuery, Owner, TaskId};
 use super::openapi::{
-    AccessErrors, BodyErrors, Invalid, NewTaskBody, PatchTaskBody, ReplaceTaskBody, TaskNotFound,
+    AccessErrors, BodyErrors, Conditional, CreateInvalid, Invalid, NewTaskBody, NotModified,
+    PatchTaskBody, ReplaceTaskBody, TaskNotFound, WritePreconditions,
 };
 use crate::error::ApiError;
-use crate::storage::{self, within_deadline};
+use crate::idempotency::{KeyReused as Reused, Outcome, remembered_since};
+use crate::storage::{self, StoreError, within_deadline};
 use crate::tasks::{NewTask, Task, TaskList, TaskPatch, TaskReplace};
+use crate::versions::{TagList, VersionGuard, list_etag, task_etag};
+
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// The task routes, each registered with its OpenAPI description.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -25,6 +31,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 const USER_ID: &str = "The owner's user id: the token's user (`user_id` claim, else `sub`)";
+const TASK_ID: &str = "The task's id: an integer from 1 to 2^63−1";
+const IF_MATCH: &str = "Write only if the task is at one of these versions (strong comparison: `\"3\"`), or exists (`*`); else 412. Required when the service runs with `REQUIRE_IF_MATCH=true` (else 428)";
 
 /// List the user's tasks, oldest first.
 #[utoipa::path(get, path = "/api/{user_id}/tasks", tag = "tasks", operation_id = "list_tasks",
@@ -34,103 +42,182 @@ const USER_ID: &str = "The owner's user id: the token's user (`user_id` claim, e
         ("complete" = Option<bool>, Query, description = "Only complete (`true`) or incomplete (`false`) tasks"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many tasks; without it, all"),
         ("offset" = Option<i64>, Query, minimum = 0, description = "Skip this many tasks first"),
+        ("If-None-Match" = Option<String>, Header, description = "The list's `ETag` from an earlier answer: 304 if none of the user's tasks was created, changed or deleted since (weak comparison; one tag for every list URL of the user)"),
     ),
-    responses((status = 200, description = "The tasks and their count", body = TaskList), AccessErrors, Invalid))]
+    responses((status = 200, description = "The tasks and their count", body = TaskList,
+        headers(("ETag" = String, description = "Weak tag of the user's tasks: changes whenever any of them is created, changed or deleted"))),
+        NotModified, Conditional, AccessErrors, Invalid))]
 async fn list(
     State(app): State<AppState>,
     Owner(user): Owner,
     ListQuery(filter): ListQuery,
-) -> Result<Json<TaskList>, ApiError> {
-    Ok(Json(
-        within_deadline(app.store.list(&user, &filter))
-            .await?
-            .into(),
-    ))
+    IfNoneMatch(if_none_match): IfNoneMatch,
+) -> Result<Response, ApiError> {
+    // Revalidation reads the user's change counter only, never the tasks.
+    if let Some(tags) = &if_none_match {
+        let marker = within_deadline(app.store.change_marker(&user)).await?;
+        if tags.matches_list(marker) {
+            return Ok(not_modified(list_etag(marker)));
+        }
+    }
+    let page = within_deadline(app.store.list(&user, &filter)).await?;
+    let etag = [(header::ETAG, list_etag(page.marker))];
+    Ok((etag, Json(TaskList::from(page.tasks))).into_response())
 }
 
 /// Create a task.
 #[utoipa::path(post, path = "/api/{user_id}/tasks", tag = "tasks", operation_id = "create_task",
     security(("bearerAuth" = [])),
-    params(("user_id" = String, Path, description = USER_ID)),
+    params(("user_id" = String, Path, description = USER_ID),
+        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters other than `\"` (a quoted string counts as its content). A repeat of the same request with the same key within `IDEMPOTENCY_TTL` (default 24 h) creates nothing and gets the first answer again, with `Idempotent-Replayed: true`; a concurrent repeat waits for the first to finish")),
     request_body(content = NewTaskBody, content_type = "application/json"),
     responses(
-        (status = 201, description = "The created task", body = Task,
-         headers(("Location" = String, description = "The task's URL"))),
-        AccessErrors, BodyErrors, Invalid))]
+        (status = 201, description = "The created task (or, for a repeated key, the task as it was created)", body = Task,
+         headers(("Location" = String, description = "The task's URL"),
+                 ("ETag" = String, description = "The task's version as a strong tag: `\"1\"`"),
+                 ("Idempotent-Replayed" = String, description = "`true` when this answers a repeated `Idempotency-Key`"))),
+        AccessErrors, BodyErrors, CreateInvalid))]
 async fn create(
     State(app): State<AppState>,
     Owner(user): Owner,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     JsonObject(body): JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let new = NewTask::from_json(body)?;
-    let task = within_deadline(app.store.create(&user, &new, storage::now())).await?;
-    let location = [(header::LOCATION, location(&task))];
-    Ok((StatusCode::CREATED, location, Json(task)))
+    let now = storage::now();
+    let outcome = match key {
+        None => Outcome::Created(within_deadline(app.store.create(&user, &new, now)).await?),
+        Some(key) => {
+            let since = remembered_since(now, app.idempotency_ttl);
+            within_deadline(app.store.create_with_key(&user, &key, &new, now, since))
+                .await?
+                .answer(&user, &new)
+                .map_err(|Reused| ApiError::IdempotencyKeyReused)?
+        }
+    };
+    let (task, replayed) = match outcome {
+        Outcome::Created(task) => (task, None),
+        Outcome::Replayed(task) => (task, Some((IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true")))),
+    };
+    let headers = [(header::LOCATION, location(&task)), (header::ETAG, task_etag(task.version))];
+    Ok((StatusCode::CREATED, headers, replayed.map(|h| [h]), Json(task)).into_response())
 }
 
 /// Get one task.
 #[utoipa::path(get, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "get_task",
     security(("bearerAuth" = [])),
-    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = "The task's id: an integer from 1 to 2^63−1")),
-    responses((status = 200, description = "The task", body = Task), AccessErrors, TaskNotFound, Invalid))]
+    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
+        ("If-None-Match" = Option<String>, Header, description = "304 if the task is still at one of these versions (weak comparison), or exists (`*`)")),
+    responses((status = 200, description = "The task", body = Task,
+        headers(("ETag" = String, description = "The task's version as a strong tag"))),
+        NotModified, Conditional, AccessErrors, TaskNotFound, Invalid))]
 async fn show(
     State(app): State<AppState>,
     Owner(user): Owner,
     TaskId(id): TaskId,
-) -> Result<Json<Task>, ApiError> {
-    Ok(Json(within_deadline(app.store.get(&user, id)).await?))
+    IfNoneMatch(if_none_match): IfNoneMatch,
+) -> Result<Response, ApiError> {
+    let task = within_deadline(app.store.get(&user, id)).await?;
+    if if_none_match.is_some_and(|tags| tags.matches_version(task.version)) {
+        return Ok(not_modified(task_etag(task.version)));
+    }
+    Ok(tagged(task))
 }
 
 /// Replace a task: `title` and `complete` are required, a missing `description` becomes null.
 #[utoipa::path(put, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "replace_task",
     security(("bearerAuth" = [])),
-    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = "The task's id: an integer from 1 to 2^63−1")),
+    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
+        ("If-Match" = Option<String>, Header, description = IF_MATCH)),
     request_body(content = ReplaceTaskBody, content_type = "application/json"),
-    responses((status = 200, description = "The task as replaced", body = Task),
-        AccessErrors, BodyErrors, TaskNotFound, Invalid))]
+    responses((status = 200, description = "The task as replaced", body = Task,
+        headers(("ETag" = String, description = "The task's new version as a strong tag"))),
+        AccessErrors, BodyErrors, TaskNotFound, WritePreconditions, Invalid))]
 async fn replace(
     State(app): State<AppState>,
     Owner(user): Owner,
     TaskId(id): TaskId,
+    IfMatch(if_match): IfMatch,
     JsonObject(body): JsonObject,
-) -> Result<Json<Task>, ApiError> {
+) -> Result<Response, ApiError> {
     let replacement = TaskReplace::from_json(body)?;
-    Ok(Json(
-        within_deadline(app.store.replace(&user, id, &replacement, storage::now())).await?,
-    ))
+    let (guard, missing) = write_guard(if_match.as_ref(), app.require_if_match);
+    let task = within_deadline(app.store.replace(&user, id, &replacement, &guard, storage::now()))
+        .await
+        .map_err(|e| refusal(e, missing))?;
+    Ok(tagged(task))
 }
 
 /// Change some fields of a task; absent fields stay as they are.
 #[utoipa::path(patch, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "update_task",
     security(("bearerAuth" = [])),
-    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = "The task's id: an integer from 1 to 2^63−1")),
+    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
+        ("If-Match" = Option<String>, Header, description = IF_MATCH)),
     request_body(content = PatchTaskBody, content_type = "application/json"),
-    responses((status = 200, description = "The task as updated", body = Task),
-        AccessErrors, BodyErrors, TaskNotFound, Invalid))]
+    responses((status = 200, description = "The task as updated", body = Task,
+        headers(("ETag" = String, description = "The task's new version as a strong tag"))),
+        AccessErrors, BodyErrors, TaskNotFound, WritePreconditions, Invalid))]
 async fn update(
     State(app): State<AppState>,
     Owner(user): Owner,
     TaskId(id): TaskId,
+    IfMatch(if_match): IfMatch,
     JsonObject(body): JsonObject,
-) -> Result<Json<Task>, ApiError> {
+) -> Result<Response, ApiError> {
     let patch = TaskPatch::from_json(body)?;
-    Ok(Json(
-        within_deadline(app.store.patch(&user, id, &patch, storage::now())).await?,
-    ))
+    let (guard, missing) = write_guard(if_match.as_ref(), app.require_if_match);
+    let task = within_deadline(app.store.patch(&user, id, &patch, &guard, storage::now()))
+        .await
+        .map_err(|e| refusal(e, missing))?;
+    Ok(tagged(task))
 }
 
 /// Delete a task.
 #[utoipa::path(delete, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "delete_task",
     security(("bearerAuth" = [])),
-    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = "The task's id: an integer from 1 to 2^63−1")),
-    responses((status = 204, description = "Deleted; no body"), AccessErrors, TaskNotFound, Invalid))]
+    params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
+        ("If-Match" = Option<String>, Header, description = IF_MATCH)),
+    responses((status = 204, description = "Deleted; no body"), AccessErrors, Conditional, TaskNotFound, WritePreconditions, Invalid))]
 async fn remove(
     State(app): State<AppState>,
     Owner(user): Owner,
     TaskId(id): TaskId,
+    IfMatch(if_match): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    within_deadline(app.store.delete(&user, id)).await?;
+    let (guard, missing) = write_guard(if_match.as_ref(), app.require_if_match);
+    within_deadline(app.store.delete(&user, id, &guard))
+        .await
+        .map_err(|e| refusal(e, missing))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The versions a write may apply to, and whether `If-Match` is missing where required.
+/// A required but missing `If-Match` matches no version, so the store still answers 404
+/// and 403 first, and only a write that would otherwise succeed gets 428.
+fn write_guard(if_match: Option<&TagList>, required: bool) -> (VersionGuard, bool) {
+    match if_match {
+        Some(tags) => (tags.accepted_versions(), false),
+        None if required => (VersionGuard::OneOf(Vec::new()), true),
+        None => (VersionGuard::Any, false),
+    }
+}
+
+/// A write's failure: a version mismatch is 412, or 428 when `If-Match` was missing.
+fn refusal(error: StoreError, if_match_missing: bool) -> ApiError {
+    match error {
+        StoreError::VersionMismatch { .. } if if_match_missing => ApiError::PreconditionRequired,
+        other => other.into(),
+    }
+}
+
+/// 200 with the task and its `ETag`.
+fn tagged(task: Task) -> Response {
+    ([(header::ETAG, task_etag(task.version))], Json(task)).into_response()
+}
+
+/// 304: no body, the current `ETag`.
+fn not_modified(etag: HeaderValue) -> Response {
+    (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response()
 }
 
 /// Characters kept as they are in a path segment (RFC 3986 unreserved).

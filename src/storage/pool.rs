@@ -11,10 +11,15 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult};
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::Connection;
 
 use super::PoolStatus;
+
+/// A histogram of connection waits (buckets 0.1 ms to about 3 s), exported as a metric.
+pub fn wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
 
 /// Opens one connection, set up as the store needs it.
 pub type Connect<C> =

@@ -1,19 +1,65 @@
 //! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Executor};
 
-use super::pool::{Lifecycle, Pool, Pooled, Tracked};
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
-use crate::metrics::wait_histogram;
-use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
+use super::sql::{Backend, Dialect, Statements, impl_task_store};
+use super::{PoolSettings, PoolStatus, StoreError};
+use crate::idempotency::{IdempotencyKey, StoredCreate};
+use crate::tasks::{NewTask, Task};
+use crate::versions::VersionGuard;
+
+struct Postgres;
+
+impl Dialect for Postgres {
+    fn next_updated_at(now: &str) -> String {
+        format!("GREATEST({now}, updated_at + interval '1 microsecond')")
+    }
+
+    fn version_is_one_of(param: &str) -> String {
+        format!("({param}::int8[] IS NULL OR version = ANY({param}))")
+    }
+}
+
+static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Postgres>);
+
+/// Claims the key and inserts the task in one statement. The task's id is drawn first,
+/// so that the key's row can name it; a repeat draws one it never uses (ids may skip,
+/// never repeat). A concurrent request with the same key waits on the key's primary key
+/// until this statement commits or fails, then finds it taken, or free.
+const CLAIM_KEY_AND_CREATE: &str = "
+    WITH claim AS (
+        INSERT INTO idempotency_keys AS k
+            (user_id, idempotency_key, title, description, task_id, created_at)
+        VALUES ($1, $2, $3, $4, nextval(pg_get_serial_sequence('tasks', 'id')), $5)
+        ON CONFLICT (user_id, idempotency_key) DO UPDATE
+            SET title = EXCLUDED.title, description = EXCLUDED.description,
+                task_id = EXCLUDED.task_id, created_at = EXCLUDED.created_at
+            WHERE k.created_at <= $6
+        RETURNING task_id
+    )
+    INSERT INTO tasks (id, user_id, title, description, complete, created_at, updated_at)
+    SELECT task_id, $1, $3, $4, false, $5, $5 FROM claim
+    RETURNING id, user_id, title, description, complete, created_at, updated_at, version";
+
+fn to_instant(at: DateTime<Utc>) -> DateTime<Utc> {
+    at
+}
+
+/// `If-Match` versions as an `int8[]`; NULL for any.
+fn version_arg(guard: &VersionGuard) -> Option<&[i64]> {
+    match guard {
+        VersionGuard::Any => None,
+        VersionGuard::OneOf(versions) => Some(versions),
+    }
+}
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -24,6 +70,7 @@ struct TaskRow {
     complete: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    version: i64,
 }
 
 impl From<TaskRow> for Task {
@@ -36,6 +83,26 @@ impl From<TaskRow> for Task {
             complete: r.complete,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            version: r.version,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredKeyRow {
+    title: String,
+    description: Option<String>,
+    task_id: i64,
+    created_at: DateTime<Utc>,
+}
+
+impl From<StoredKeyRow> for StoredCreate {
+    fn from(r: StoredKeyRow) -> Self {
+        StoredCreate {
+            title: r.title,
+            description: r.description,
+            task_id: r.task_id,
+            created_at: r.created_at,
         }
     }
 }
@@ -102,200 +169,51 @@ impl PgTaskStore {
         &self.pool
     }
 
-    async fn conn(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
+    async fn read(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
         self.pool.get().await
     }
-}
 
-/// Tells 404 from 403 after a statement scoped to the owner matched no row.
-async fn explain_missing(conn: &mut Tracked<PgConnection>, id: i64) -> StoreError {
-    let owner = conn
-        .run(|conn| {
-            sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = $1")
-                .bind(id)
-                .fetch_optional(conn)
-        })
-        .await;
-    match owner {
-        Ok(owner) => missing(owner),
-        Err(e) => StoreError::Database(e),
-    }
-}
-
-#[async_trait]
-impl TaskStore for PgTaskStore {
-    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
-        let mut conn = self.conn().await?;
-        // `LIMIT NULL` is `LIMIT ALL`.
-        let rows: Vec<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "SELECT id, user_id, title, description, complete, created_at, updated_at
-             FROM tasks
-             WHERE user_id = $1 AND ($2::boolean IS NULL OR complete = $2)
-             ORDER BY id LIMIT $3 OFFSET $4",
-                )
-                .bind(user_id)
-                .bind(filter.complete)
-                .bind(filter.limit)
-                .bind(filter.offset)
-                .fetch_all(conn)
-            })
-            .await?;
-        Ok(rows.into_iter().map(Task::from).collect())
+    async fn write(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
+        self.pool.get().await
     }
 
-    async fn create(
+    /// The created task, or `None` when the key is taken.
+    async fn claim_key(
         &self,
         user_id: &str,
+        key: &IdempotencyKey,
         task: &NewTask,
         now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: TaskRow = conn
-            .run(|conn| {
-                sqlx::query_as(
-            "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
-             VALUES ($1, $2, $3, false, $4, $4)
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(user_id)
-        .bind(task.title.as_str())
-        .bind(task.description.as_ref().map(|d| d.as_str()))
-        .bind(now)
-        .fetch_one(conn)
-            })
-            .await?;
-        Ok(row.into())
-    }
-
-    async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
-        // One statement either way: the owner is compared here, and another user's row is
-        // dropped before it can reach a response.
+        remembered_since: DateTime<Utc>,
+    ) -> Result<Option<Task>, StoreError> {
+        let mut conn = self.write().await?;
         let row: Option<TaskRow> = conn
             .run(|conn| {
-                sqlx::query_as(
-                    "SELECT id, user_id, title, description, complete, created_at, updated_at
-             FROM tasks WHERE id = $1",
-                )
-                .bind(id)
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) if row.user_id == user_id => Ok(row.into()),
-            Some(_) => Err(StoreError::NotOwner),
-            None => Err(StoreError::NotFound),
-        }
-    }
-
-    async fn replace(
-        &self,
-        user_id: &str,
-        id: i64,
-        task: &TaskReplace,
-        now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: Option<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "UPDATE tasks
-             SET title = $3, description = $4, complete = $5,
-                 updated_at = GREATEST($6, updated_at + interval '1 microsecond')
-             WHERE id = $1 AND user_id = $2
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-                )
-                .bind(id)
-                .bind(user_id)
-                .bind(task.title.as_str())
-                .bind(task.description.as_ref().map(|d| d.as_str()))
-                .bind(task.complete)
-                .bind(now)
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) => Ok(row.into()),
-            None => Err(explain_missing(&mut conn, id).await),
-        }
-    }
-
-    async fn patch(
-        &self,
-        user_id: &str,
-        id: i64,
-        patch: &TaskPatch,
-        now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
-        let mut conn = self.conn().await?;
-        // `title` and `complete` cannot be NULL, so NULL means "unchanged"; `description`
-        // can, so a flag says whether to set it.
-        let row: Option<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "UPDATE tasks
-             SET title = COALESCE($3, title),
-                 description = CASE WHEN $4 THEN $5 ELSE description END,
-                 complete = COALESCE($6, complete),
-                 updated_at = GREATEST($7, updated_at + interval '1 microsecond')
-             WHERE id = $1 AND user_id = $2
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-                )
-                .bind(id)
-                .bind(user_id)
-                .bind(patch.title.as_ref().map(|t| t.as_str()))
-                .bind(patch.description.is_some())
-                .bind(
-                    patch
-                        .description
-                        .as_ref()
-                        .and_then(|d| d.as_ref().map(|d| d.as_str())),
-                )
-                .bind(patch.complete)
-                .bind(now)
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) => Ok(row.into()),
-            None => Err(explain_missing(&mut conn, id).await),
-        }
-    }
-
-    async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let done = conn
-            .run(|conn| {
-                sqlx::query("DELETE FROM tasks WHERE id = $1 AND user_id = $2")
-                    .bind(id)
+                sqlx::query_as(CLAIM_KEY_AND_CREATE)
                     .bind(user_id)
-                    .execute(conn)
+                    .bind(key.as_str())
+                    .bind(task.title.as_str())
+                    .bind(task.description.as_ref().map(|d| d.as_str()))
+                    .bind(now)
+                    .bind(remembered_since)
+                    .fetch_optional(conn)
             })
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(explain_missing(&mut conn, id).await);
-        }
-        Ok(())
+        Ok(row.map(Task::from))
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        conn.run(|conn| sqlx::query("SELECT 1").execute(conn))
-            .await?;
-        Ok(())
-    }
-
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn pool_status(&self) -> PoolStatus {
+    fn status(&self) -> PoolStatus {
         self.pool.status()
     }
 
-    fn acquire_wait(&self) -> Histogram {
+    fn wait(&self) -> Histogram {
         self.pool.acquire_wait().clone()
     }
 }
+
+impl Backend for PgTaskStore {
+    type Connection = PgConnection;
+}
+
+impl_task_store!(PgTaskStore, "postgres");
+

@@ -1,18 +1,58 @@
 //! Embedded SQLite task store: the zero-configuration default.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection};
 
-use super::pool::{Lifecycle, Pool, Pooled, Tracked};
-use super::{PoolSettings, PoolStatus, StoreError, TaskStore, missing};
-use crate::metrics::wait_histogram;
-use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
+use super::sql::{Backend, Dialect, Statements, impl_task_store};
+use super::{PoolSettings, PoolStatus, StoreError};
+use crate::idempotency::{IdempotencyKey, StoredCreate};
+use crate::tasks::{NewTask, Task};
+use crate::versions::VersionGuard;
+
+struct Sqlite;
+
+impl Dialect for Sqlite {
+    fn next_updated_at(now: &str) -> String {
+        format!("max({now}, updated_at + 1)")
+    }
+
+    fn version_is_one_of(param: &str) -> String {
+        format!("({param} IS NULL OR version IN (SELECT value FROM json_each({param})))")
+    }
+}
+
+static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Sqlite>);
+
+/// Claims the key for the task just inserted in the same transaction; no row back when
+/// the key is held by a create made after `$7`.
+const CLAIM_KEY: &str = "
+    INSERT INTO idempotency_keys AS k
+        (user_id, idempotency_key, title, description, task_id, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (user_id, idempotency_key) DO UPDATE
+        SET title = excluded.title, description = excluded.description,
+            task_id = excluded.task_id, created_at = excluded.created_at
+        WHERE k.created_at <= $7
+    RETURNING task_id";
+
+fn to_instant(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+/// `If-Match` versions as a JSON array (SQLite has no array type); NULL for any.
+fn version_arg(guard: &VersionGuard) -> Option<String> {
+    match guard {
+        VersionGuard::Any => None,
+        VersionGuard::OneOf(versions) => serde_json::to_string(versions).ok(),
+    }
+}
 
 /// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
 /// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
@@ -25,6 +65,7 @@ struct TaskRow {
     complete: bool,
     created_at: i64,
     updated_at: i64,
+    version: i64,
 }
 
 impl From<TaskRow> for Task {
@@ -37,6 +78,26 @@ impl From<TaskRow> for Task {
             complete: r.complete,
             created_at: from_micros(r.created_at),
             updated_at: from_micros(r.updated_at),
+            version: r.version,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredKeyRow {
+    title: String,
+    description: Option<String>,
+    task_id: i64,
+    created_at: i64,
+}
+
+impl From<StoredKeyRow> for StoredCreate {
+    fn from(r: StoredKeyRow) -> Self {
+        StoredCreate {
+            title: r.title,
+            description: r.description,
+            task_id: r.task_id,
+            created_at: from_micros(r.created_at),
         }
     }
 }
@@ -127,189 +188,55 @@ impl SqliteTaskStore {
     async fn write(&self) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
         self.writer.get().await
     }
-}
 
-/// Tells 404 from 403 after a statement scoped to the owner matched no row.
-async fn explain_missing(conn: &mut Tracked<SqliteConnection>, id: i64) -> StoreError {
-    let owner = conn
-        .run(|conn| {
-            sqlx::query_scalar("SELECT user_id FROM tasks WHERE id = ?1")
-                .bind(id)
-                .fetch_optional(conn)
-        })
-        .await;
-    match owner {
-        Ok(owner) => missing(owner),
-        Err(e) => StoreError::Database(e),
-    }
-}
-
-#[async_trait]
-impl TaskStore for SqliteTaskStore {
-    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<Vec<Task>, StoreError> {
-        let mut conn = self.read().await?;
-        // `LIMIT -1` is no limit.
-        let rows: Vec<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "SELECT id, user_id, title, description, complete, created_at, updated_at
-             FROM tasks
-             WHERE user_id = ?1 AND (?2 IS NULL OR complete = ?2)
-             ORDER BY id LIMIT ?3 OFFSET ?4",
-                )
-                .bind(user_id)
-                .bind(filter.complete)
-                .bind(filter.limit.unwrap_or(-1))
-                .bind(filter.offset)
-                .fetch_all(conn)
-            })
-            .await?;
-        Ok(rows.into_iter().map(Task::from).collect())
-    }
-
-    async fn create(
+    /// Inserts the task and claims the key for it in one transaction on the writer
+    /// connection; rolls both back when the key is taken. The created task, or `None`.
+    async fn claim_key(
         &self,
         user_id: &str,
+        key: &IdempotencyKey,
         task: &NewTask,
         now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
+        remembered_since: DateTime<Utc>,
+    ) -> Result<Option<Task>, StoreError> {
         let mut conn = self.write().await?;
-        let row: TaskRow = conn
-            .run(|conn| {
-                sqlx::query_as(
-            "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
-             VALUES (?1, ?2, ?3, 0, ?4, ?4)
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-        )
-        .bind(user_id)
-        .bind(task.title.as_str())
-        .bind(task.description.as_ref().map(|d| d.as_str()))
-        .bind(now.timestamp_micros())
-        .fetch_one(conn)
-            })
-            .await?;
-        Ok(row.into())
-    }
-
-    async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
-        let mut conn = self.read().await?;
-        let row: Option<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "SELECT id, user_id, title, description, complete, created_at, updated_at
-             FROM tasks WHERE id = ?1",
-                )
-                .bind(id)
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) if row.user_id == user_id => Ok(row.into()),
-            Some(_) => Err(StoreError::NotOwner),
-            None => Err(StoreError::NotFound),
-        }
-    }
-
-    async fn replace(
-        &self,
-        user_id: &str,
-        id: i64,
-        task: &TaskReplace,
-        now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
-        let mut conn = self.write().await?;
-        let row: Option<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "UPDATE tasks
-             SET title = ?3, description = ?4, complete = ?5,
-                 updated_at = max(?6, updated_at + 1)
-             WHERE id = ?1 AND user_id = ?2
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-                )
-                .bind(id)
-                .bind(user_id)
-                .bind(task.title.as_str())
-                .bind(task.description.as_ref().map(|d| d.as_str()))
-                .bind(task.complete)
-                .bind(now.timestamp_micros())
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) => Ok(row.into()),
-            None => Err(explain_missing(&mut conn, id).await),
-        }
-    }
-
-    async fn patch(
-        &self,
-        user_id: &str,
-        id: i64,
-        patch: &TaskPatch,
-        now: DateTime<Utc>,
-    ) -> Result<Task, StoreError> {
-        let mut conn = self.write().await?;
-        let row: Option<TaskRow> = conn
-            .run(|conn| {
-                sqlx::query_as(
-                    "UPDATE tasks
-             SET title = coalesce(?3, title),
-                 description = CASE WHEN ?4 THEN ?5 ELSE description END,
-                 complete = coalesce(?6, complete),
-                 updated_at = max(?7, updated_at + 1)
-             WHERE id = ?1 AND user_id = ?2
-             RETURNING id, user_id, title, description, complete, created_at, updated_at",
-                )
-                .bind(id)
-                .bind(user_id)
-                .bind(patch.title.as_ref().map(|t| t.as_str()))
-                .bind(patch.description.is_some())
-                .bind(
-                    patch
-                        .description
-                        .as_ref()
-                        .and_then(|d| d.as_ref().map(|d| d.as_str())),
-                )
-                .bind(patch.complete)
-                .bind(now.timestamp_micros())
-                .fetch_optional(conn)
-            })
-            .await?;
-        match row {
-            Some(row) => Ok(row.into()),
-            None => Err(explain_missing(&mut conn, id).await),
-        }
-    }
-
-    async fn delete(&self, user_id: &str, id: i64) -> Result<(), StoreError> {
-        let mut conn = self.write().await?;
-        let done = conn
-            .run(|conn| {
-                sqlx::query("DELETE FROM tasks WHERE id = ?1 AND user_id = ?2")
-                    .bind(id)
+        let (title, description) = (
+            task.title.as_str(),
+            task.description.as_ref().map(|d| d.as_str()),
+        );
+        let created = conn
+            .run(|conn| async move {
+                let mut tx = conn.begin().await?;
+                let row: TaskRow = sqlx::query_as(&SQL.create)
                     .bind(user_id)
-                    .execute(conn)
+                    .bind(title)
+                    .bind(description)
+                    .bind(now.timestamp_micros())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let claimed: Option<i64> = sqlx::query_scalar(CLAIM_KEY)
+                    .bind(user_id)
+                    .bind(key.as_str())
+                    .bind(title)
+                    .bind(description)
+                    .bind(row.id)
+                    .bind(now.timestamp_micros())
+                    .bind(remembered_since.timestamp_micros())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if claimed.is_some() {
+                    tx.commit().await?;
+                    Ok(Some(row))
+                } else {
+                    tx.rollback().await?;
+                    Ok(None)
+                }
             })
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(explain_missing(&mut conn, id).await);
-        }
-        Ok(())
+        Ok(created.map(Task::from))
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.read().await?;
-        conn.run(|conn| sqlx::query("SELECT 1").execute(conn))
-            .await?;
-        Ok(())
-    }
-
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    fn pool_status(&self) -> PoolStatus {
+    fn status(&self) -> PoolStatus {
         let (readers, writer) = (self.readers.status(), self.writer.status());
         if self.readers.is_same(&self.writer) {
             return writer;
@@ -320,7 +247,14 @@ impl TaskStore for SqliteTaskStore {
         }
     }
 
-    fn acquire_wait(&self) -> Histogram {
+    fn wait(&self) -> Histogram {
         self.writer.acquire_wait().clone()
     }
 }
+
+impl Backend for SqliteTaskStore {
+    type Connection = SqliteConnection;
+}
+
+impl_task_store!(SqliteTaskStore, "sqlite");
+

@@ -289,8 +289,8 @@ async fn a_call_cut_short_never_hands_its_connection_out_again() {
     // The next call gets a new connection, and a clean reply.
     let second = backend_pid(&store).await;
     assert_ne!(second, first);
-    let tasks = store.list("alice", &ListFilter::default()).await.unwrap();
-    assert!(tasks.is_empty());
+    let page = store.list("alice", &ListFilter::default()).await.unwrap();
+    assert!(page.tasks.is_empty());
     assert_eq!(store.pool_status().size, 1);
 }
 

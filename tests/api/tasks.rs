@@ -347,6 +347,7 @@ async fn user_ids_are_opaque_path_segments(app: TestApp) {
 
 async fn updated_at_strictly_increases_within_one_microsecond(app: TestApp) {
     use task_api::tasks::{NewTask, TaskPatch, Title};
+    use task_api::versions::VersionGuard;
     let store = app.store();
     let now = task_api::storage::now();
     let new = NewTask {
@@ -362,7 +363,10 @@ async fn updated_at_strictly_increases_within_one_microsecond(app: TestApp) {
     // Same clock reading for every update: the stamp must still move forward.
     let mut last = task.updated_at;
     for _ in 0..3 {
-        let updated = store.patch("alice", task.id, &patch, now).await.unwrap();
+        let updated = store
+            .patch("alice", task.id, &patch, &VersionGuard::Any, now)
+            .await
+            .unwrap();
         assert!(
             updated.updated_at > last,
             "{} <= {last}",
