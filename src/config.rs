@@ -305,10 +305,7 @@ impl Config {
 
 /// A duration as the contract writes them: `30d`, `24h`, `60s`, `500ms` (any
 /// humantime form), more than zero.
-fn parse_duration(
-    setting: &'static str,
-    value: &str,
-) -> Result<std::time::Duration, ConfigError> {
+fn parse_duration(setting: &'static str, value: &str) -> Result<std::time::Duration, ConfigError> {
     match humantime::parse_duration(value.trim()) {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(ConfigError::new(

@@ -83,7 +83,8 @@ impl Claim {
             Self::Taken(stored) => stored,
         };
         let same = stored.title == request.title.as_str()
-            && stored.description.as_deref() == request.description.as_ref().map(Description::as_str);
+            && stored.description.as_deref()
+                == request.description.as_ref().map(Description::as_str);
         if !same {
             return Err(KeyReused);
         }

@@ -92,8 +92,7 @@ pub trait TaskStore: Send + Sync + 'static {
         guard: &VersionGuard,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError>;
-    async fn delete(&self, user_id: &str, id: i64, guard: &VersionGuard)
-    -> Result<(), StoreError>;
+    async fn delete(&self, user_id: &str, id: i64, guard: &VersionGuard) -> Result<(), StoreError>;
     /// Deletes up to `limit` idempotency keys made at or before `cutoff`, oldest first;
     /// returns how many.
     async fn purge_idempotency_keys(

@@ -10,7 +10,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{IdempotencyKeyHeader, IfMatch, IfNoneMatch, JsonObject, ListQuery, Owner, TaskId};
+use super::extract::{
+    IdempotencyKeyHeader, IfMatch, IfNoneMatch, JsonObject, ListQuery, Owner, TaskId,
+};
 use super::openapi::{
     AccessErrors, BodyErrors, Conditional, CreateInvalid, Invalid, NewTaskBody, NotModified,
     PatchTaskBody, ReplaceTaskBody, TaskNotFound, WritePreconditions,
@@ -97,10 +99,25 @@ async fn create(
     };
     let (task, replayed) = match outcome {
         Outcome::Created(task) => (task, None),
-        Outcome::Replayed(task) => (task, Some((IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true")))),
+        Outcome::Replayed(task) => (
+            task,
+            Some((
+                IDEMPOTENT_REPLAYED.clone(),
+                HeaderValue::from_static("true"),
+            )),
+        ),
     };
-    let headers = [(header::LOCATION, location(&task)), (header::ETAG, task_etag(task.version))];
-    Ok((StatusCode::CREATED, headers, replayed.map(|h| [h]), Json(task)).into_response())
+    let headers = [
+        (header::LOCATION, location(&task)),
+        (header::ETAG, task_etag(task.version)),
+    ];
+    Ok((
+        StatusCode::CREATED,
+        headers,
+        replayed.map(|h| [h]),
+        Json(task),
+    )
+        .into_response())
 }
 
 /// Get one task.
@@ -142,9 +159,12 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let replacement = TaskReplace::from_json(body)?;
     let (guard, missing) = write_guard(if_match.as_ref(), app.require_if_match);
-    let task = within_deadline(app.store.replace(&user, id, &replacement, &guard, storage::now()))
-        .await
-        .map_err(|e| refusal(e, missing))?;
+    let task = within_deadline(
+        app.store
+            .replace(&user, id, &replacement, &guard, storage::now()),
+    )
+    .await
+    .map_err(|e| refusal(e, missing))?;
     Ok(tagged(task))
 }
 

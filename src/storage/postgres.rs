@@ -216,4 +216,3 @@ impl Backend for PgTaskStore {
 }
 
 impl_task_store!(PgTaskStore, "postgres");
-

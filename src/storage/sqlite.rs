@@ -257,4 +257,3 @@ impl Backend for SqliteTaskStore {
 }
 
 impl_task_store!(SqliteTaskStore, "sqlite");
-

@@ -110,24 +110,27 @@ async fn the_document_matches_the_router(app: TestApp) {
     let set = |codes: &[&str]| codes.iter().map(|c| c.to_string()).collect::<BTreeSet<_>>();
     let base = ["401", "403", "422", "500", "503"];
     let with = |extra: &[&str]| set(&[&base[..], extra].concat());
-    assert_eq!(responses("get", "/api/{user_id}/tasks"), with(&["200"]));
+    assert_eq!(
+        responses("get", "/api/{user_id}/tasks"),
+        with(&["200", "304", "400"])
+    );
     assert_eq!(
         responses("post", "/api/{user_id}/tasks"),
         with(&["201", "400", "413", "415"])
     );
     assert_eq!(
         responses("get", "/api/{user_id}/tasks/{task_id}"),
-        with(&["200", "404"])
+        with(&["200", "304", "400", "404"])
     );
     for m in ["put", "patch"] {
         assert_eq!(
             responses(m, "/api/{user_id}/tasks/{task_id}"),
-            with(&["200", "400", "404", "413", "415"])
+            with(&["200", "400", "404", "412", "413", "415", "428"])
         );
     }
     assert_eq!(
         responses("delete", "/api/{user_id}/tasks/{task_id}"),
-        with(&["204", "404"])
+        with(&["204", "400", "404", "412", "428"])
     );
     assert_eq!(responses("get", "/health"), set(&["200", "503"]));
 

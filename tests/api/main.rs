@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod better_auth;
+mod conditional;
 mod docs;
 mod hardening;
 mod hostile;

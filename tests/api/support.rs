@@ -32,6 +32,11 @@ pub enum Db {
         store: PgTaskStore,
         _schema: PgSchema,
     },
+    /// A second service instance on another app's PostgreSQL schema (which that app owns).
+    PostgresPeer {
+        store: PgTaskStore,
+        options: Box<PgConnectOptions>,
+    },
 }
 
 pub struct TestApp {
@@ -225,7 +230,28 @@ impl TestApp {
     pub fn pg_schema_options(&self) -> PgConnectOptions {
         match &self.db {
             Db::Postgres { _schema, .. } => _schema.options(),
+            Db::PostgresPeer { options, .. } => (**options).clone(),
             Db::Sqlite { .. } => panic!("not a PostgreSQL app"),
+        }
+    }
+
+    /// Another service instance on the same PostgreSQL database, with its own pool and
+    /// state, as a second process behind a load balancer would be.
+    pub async fn second_instance(&self, options: &HttpOptions) -> Self {
+        let schema = self.pg_schema_options();
+        let store = PgTaskStore::connect_with(schema.clone(), &pool_settings())
+            .await
+            .unwrap();
+        let auth = self.auth.clone();
+        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options);
+        Self {
+            router,
+            metrics,
+            auth,
+            db: Db::PostgresPeer {
+                store,
+                options: Box::new(schema),
+            },
         }
     }
 
@@ -244,9 +270,11 @@ impl TestApp {
                 let verifier = Verifier::new(&auth);
                 Self::sqlite_with_options(auth, verifier, options).await
             }
-            Db::Postgres { .. } => Self::postgres_with_options(auth, options, |o| o)
-                .await
-                .expect("PostgreSQL is configured"),
+            Db::Postgres { .. } | Db::PostgresPeer { .. } => {
+                Self::postgres_with_options(auth, options, |o| o)
+                    .await
+                    .expect("PostgreSQL is configured")
+            }
         }
     }
 
@@ -258,8 +286,8 @@ impl TestApp {
                     .filename(_dir.path().join("tasks.db"));
                 SideConnection::Sqlite(SqliteConnection::connect_with(&options).await.unwrap())
             }
-            Db::Postgres { _schema, .. } => SideConnection::Postgres(
-                PgConnection::connect_with(&_schema.options())
+            Db::Postgres { .. } | Db::PostgresPeer { .. } => SideConnection::Postgres(
+                PgConnection::connect_with(&self.pg_schema_options())
                     .await
                     .unwrap(),
             ),
@@ -269,7 +297,7 @@ impl TestApp {
     pub fn store(&self) -> Arc<dyn TaskStore> {
         match &self.db {
             Db::Sqlite { store, .. } => Arc::new(store.clone()),
-            Db::Postgres { store, .. } => Arc::new(store.clone()),
+            Db::Postgres { store, .. } | Db::PostgresPeer { store, .. } => Arc::new(store.clone()),
         }
     }
 
@@ -277,7 +305,7 @@ impl TestApp {
     pub async fn close_database(&self) {
         match &self.db {
             Db::Sqlite { store, .. } => store.close(),
-            Db::Postgres { store, .. } => store.pool().close(),
+            Db::Postgres { store, .. } | Db::PostgresPeer { store, .. } => store.pool().close(),
         }
     }
 
@@ -333,6 +361,31 @@ impl TestApp {
     pub async fn call(&self, method: Method, uri: &str, user: &str, body: Option<Value>) -> Reply {
         let token = self.token(user);
         self.call_with_token(method, uri, Some(&token), body).await
+    }
+
+    /// A request as `user` with extra headers and an optional JSON body.
+    pub async fn call_with_headers(
+        &self,
+        method: Method,
+        uri: &str,
+        user: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = Request::builder().method(method).uri(uri).header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", self.token(user)),
+        );
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        };
+        self.send(request.unwrap()).await
     }
 
     pub async fn call_with_token(
@@ -429,6 +482,14 @@ impl SideConnection {
 
     pub async fn release(&mut self) {
         self.execute("ROLLBACK").await;
+    }
+
+    /// One number from a query such as `SELECT count(*) FROM …`.
+    pub async fn scalar(&mut self, sql: &str) -> i64 {
+        match self {
+            Self::Sqlite(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+            Self::Postgres(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+        }
     }
 
     /// `(id, user_id, title)` of every stored task.
