@@ -8,6 +8,7 @@ mod conditional;
 mod docs;
 mod hardening;
 mod hostile;
+mod idempotency;
 mod jwks;
 mod metrics;
 mod operations;
