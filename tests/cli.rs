@@ -77,6 +77,9 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
         ("APP_ENV", "production", 2),
         ("CORS_ORIGINS", "nope", 2),
         ("METRICS_ADDR", "everywhere", 2),
+        ("REQUIRE_IF_MATCH", "yes", 2),
+        ("IDEMPOTENCY_TTL", "a day", 2),
+        ("IDEMPOTENCY_TTL", "0s", 2),
         // Reachable only at start-up: nothing listens on port 1.
         ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/db", 1),
     ] {
@@ -433,4 +436,63 @@ async fn sigterm_under_load_loses_no_acknowledged_write() {
         "shutdown under load: {} acknowledged writes, all stored; stopped {stopped_in:?} after SIGTERM",
         acknowledged.len()
     );
+}
+
+/// An `Idempotency-Key` outlives the process: after a restart, the repeat of a create is
+/// answered the first response and creates nothing.
+#[tokio::test]
+async fn a_create_is_replayed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = [
+        ("PORT", port.to_string()),
+        ("LOG_FORMAT", "json".into()),
+        ("JWT_SECRET", "cli-test-secret".into()),
+    ];
+    let token = String::from_utf8(
+        run(task_api(dir.path())
+            .env("JWT_SECRET", "cli-test-secret")
+            .args(["token", "--user", "phone"]))
+        .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let url = format!("http://127.0.0.1:{port}/api/phone/tasks");
+    let create = || {
+        reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "offline-edit-1")
+            .body(r#"{"title": "Call mum"}"#)
+            .send()
+    };
+
+    let (mut child, mut lines) = start(dir.path(), &env);
+    wait_for_log(&mut lines, "listening").await;
+    let first = create().await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_body = first.text().await.unwrap();
+    assert!(terminate(&mut child).await.success());
+
+    let (mut child, mut lines) = start(dir.path(), &env);
+    wait_for_log(&mut lines, "listening").await;
+    let replay = create().await.unwrap();
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.text().await.unwrap(), first_body);
+    let list = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["count"], 1);
+    assert!(terminate(&mut child).await.success());
 }

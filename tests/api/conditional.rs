@@ -519,3 +519,48 @@ mod concurrent {
         side.release().await;
     }
 }
+
+/// A database file from before versions existed keeps its tasks, each at version 1, and
+/// every user's counter counts their tasks.
+#[tokio::test]
+async fn sqlite_v1_file_is_upgraded_with_versions_and_counters() {
+    use sqlx::{Connection, Executor};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
+    let options = url
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .unwrap()
+        .create_if_missing(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let mut v1 = sqlx::migrate!("migrations/sqlite");
+    v1.migrations = std::borrow::Cow::Owned(v1.migrations[..1].to_vec());
+    v1.run(&mut conn).await.unwrap();
+    conn.execute(
+        "INSERT INTO tasks (user_id, title, created_at, updated_at) VALUES
+         ('alice', 'a1', 1, 1), ('bob', 'b1', 2, 2), ('alice', 'a2', 3, 3)",
+    )
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let store = task_api::storage::SqliteTaskStore::connect(&url, &crate::support::pool_settings())
+        .await
+        .unwrap();
+    let page = task_api::storage::TaskStore::list(&store, "alice", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(page.marker, 2);
+    assert_eq!(
+        page.tasks
+            .iter()
+            .map(|t| (t.title.as_str(), t.version))
+            .collect::<Vec<_>>(),
+        [("a1", 1), ("a2", 1)]
+    );
+    let bob = task_api::storage::TaskStore::change_marker(&store, "bob")
+        .await
+        .unwrap();
+    assert_eq!(bob, 1);
+}

@@ -82,6 +82,22 @@ async fn stage1_table_is_adopted_with_every_row() {
     assert_eq!(tasks[1]["description"], "desc");
     assert_eq!(tasks[1]["complete"], true);
     assert_eq!(app.count("bob").await, 1);
+    // Adopted tasks start at version 1; each user's get change numbers 1..n, so the
+    // list's ETag names alice's two.
+    assert_eq!(
+        (tasks[0]["version"].as_i64(), tasks[1]["version"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(reply.header("etag"), Some("W/\"changes-2\""));
+    let numbers: Vec<(String, i64)> =
+        sqlx::query_as("SELECT user_id, change_seq FROM tasks ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        numbers,
+        [("alice".into(), 1), ("alice".into(), 2), ("bob".into(), 1)]
+    );
 
     // New rows continue the old sequence, and it now goes past 32 bits.
     let next = app.create("alice", "new").await;
