@@ -403,6 +403,27 @@ mod tests {
         assert_eq!(c.cors_origins, CorsOrigins::None);
         assert!(!c.auth.has_key());
         assert_eq!((c.tls, c.metrics_addr), (None, None));
+        assert!(!c.require_if_match);
+        assert_eq!(c.idempotency_ttl, std::time::Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn write_settings() {
+        let c = load(&[("REQUIRE_IF_MATCH", "true"), ("IDEMPOTENCY_TTL", "30d")]).unwrap();
+        assert!(c.require_if_match);
+        assert_eq!(
+            c.idempotency_ttl,
+            std::time::Duration::from_secs(30 * 86_400)
+        );
+        for (value, ms) in [("500ms", 500), ("60s", 60_000), ("24h", 86_400_000)] {
+            let c = load(&[("IDEMPOTENCY_TTL", value)]).unwrap();
+            assert_eq!(c.idempotency_ttl.as_millis(), ms);
+        }
+        assert!(
+            !load(&[("REQUIRE_IF_MATCH", "false")])
+                .unwrap()
+                .require_if_match
+        );
     }
 
     #[test]
@@ -449,6 +470,9 @@ mod tests {
                 vec![("DATABASE_MAX_CONNECTIONS", "0")],
                 "DATABASE_MAX_CONNECTIONS",
             ),
+            (vec![("REQUIRE_IF_MATCH", "1")], "REQUIRE_IF_MATCH"),
+            (vec![("IDEMPOTENCY_TTL", "forever")], "IDEMPOTENCY_TTL"),
+            (vec![("IDEMPOTENCY_TTL", "0s")], "IDEMPOTENCY_TTL"),
             (vec![("APP_ENV", "production")], "JWT_SECRET"),
             (
                 vec![("JWT_SECRET", "a"), ("BETTER_AUTH_SECRET", "b")],
