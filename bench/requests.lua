@@ -1,36 +1,84 @@
 -- wrk script: rotates through the seeded users and their tokens.
 -- Usage: wrk ... -s bench/requests.lua <url> -- <scenario>
--- Scenarios: list, get, create, patch, mixed (40% list, 40% get, 10% patch, 10% create), health.
--- Reads "user token first_task_id" lines from the file named by BENCH_USERS.
--- Every request is formatted once, in init: building strings per request would make the
--- load generator, which shares the machine, take CPU the server and database need.
+-- Scenarios: list, get, create, patch, mixed (40% list, 40% get, 10% patch, 10% create),
+-- health, and the conditional ones: get304 (GET one with If-None-Match naming its current
+-- version: 304), patch-if-match (PATCH with If-Match naming its current version: 200),
+-- create-key (create with a fresh Idempotency-Key each time).
+-- Reads "user token first_task_id" lines from the file named by BENCH_USERS, and
+-- "task_path version" lines from BENCH_VERSIONS for get304 and patch-if-match.
+-- Every request is formatted once, in init, or (when it must differ each time) spliced
+-- from two preformatted halves: building strings per request would make the load
+-- generator, which shares the machine, take CPU the server and database need.
 
 local scenario
 local counter = 0
 local TASKS_PER_USER = 20
 local lists, gets, creates, patches = {}, {}, {}, {}
+local not_modified, guarded, keyed = {}, {}, {}
+local key_prefix
 local health
+
+-- Each wrk thread gets an index, so that threads patch disjoint tasks.
+local threads_set_up = 0
+function setup(thread)
+  thread:set("thread_index", threads_set_up)
+  threads_set_up = threads_set_up + 1
+end
+
+-- A request with `marker` in a header value, split around it.
+local function halves(method, path, headers, body, marker)
+  local request = wrk.format(method, path, headers, body)
+  local at = request:find(marker, 1, true)
+  return request:sub(1, at - 1), request:sub(at + #marker)
+end
 
 function init(args)
   scenario = args[1] or "list"
+  local index = thread_index or 0
+  local threads = tonumber(os.getenv("BENCH_THREADS") or "1")
+  local versions = {}
+  if os.getenv("BENCH_VERSIONS") then
+    for line in io.lines(os.getenv("BENCH_VERSIONS")) do
+      local path, version = line:match("(%S+) (%S+)")
+      versions[path] = tonumber(version)
+    end
+  end
+  local n = 0
   for line in io.lines(os.getenv("BENCH_USERS")) do
     local user, token, first = line:match("(%S+) (%S+) (%S+)")
     local path = "/api/" .. user .. "/tasks"
     local auth = { ["Authorization"] = "Bearer " .. token }
     local json = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" }
     lists[#lists + 1] = wrk.format("GET", path .. "?limit=20", auth)
-    creates[#creates + 1] = wrk.format("POST", path, json,
-      '{"title": "benchmark task", "description": "made by wrk"}')
+    local body = '{"title": "benchmark task", "description": "made by wrk"}'
+    creates[#creates + 1] = wrk.format("POST", path, json, body)
+    local with_key = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json",
+      ["Idempotency-Key"] = "@KEY@" }
+    local pre, post = halves("POST", path, with_key, body, "@KEY@")
+    keyed[#keyed + 1] = { pre = pre, post = post }
     for i = 0, TASKS_PER_USER - 1 do
       local task = path .. "/" .. (tonumber(first) + i)
+      local change = '{"complete": ' .. ((i % 2 == 0) and "true" or "false") .. '}'
       gets[#gets + 1] = wrk.format("GET", task, auth)
-      patches[#patches + 1] = wrk.format("PATCH", task, json,
-        '{"complete": ' .. ((i % 2 == 0) and "true" or "false") .. '}')
+      patches[#patches + 1] = wrk.format("PATCH", task, json, change)
+      local version = versions[task]
+      if version then
+        not_modified[#not_modified + 1] = wrk.format("GET", task,
+          { ["Authorization"] = "Bearer " .. token, ["If-None-Match"] = '"' .. version .. '"' })
+        if n % threads == index then
+          local guard = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json",
+            ["If-Match"] = '"@V@"' }
+          local pre, post = halves("PATCH", task, guard, change, "@V@")
+          guarded[#guarded + 1] = { pre = pre, post = post, version = version }
+        end
+      end
+      n = n + 1
     end
   end
   health = wrk.format("GET", "/health")
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 1000)
   counter = math.random(1, #gets)
+  key_prefix = "wrk-" .. os.time() .. "-" .. index .. "-" .. math.random(1, 1000000000) .. "-"
 end
 
 -- Consecutive requests go to different users; gets and patches walk each user's tasks.
@@ -45,6 +93,17 @@ function request()
   elseif scenario == "create" then return pick(creates)
   elseif scenario == "patch" then return pick(patches)
   elseif scenario == "health" then return health
+  elseif scenario == "get304" then return pick(not_modified)
+  elseif scenario == "patch-if-match" then
+    -- This thread alone patches these tasks, each again only after all its others, so
+    -- the version it names is the current one.
+    local task = pick(guarded)
+    local request = task.pre .. task.version .. task.post
+    task.version = task.version + 1
+    return request
+  elseif scenario == "create-key" then
+    local halves = pick(keyed)
+    return halves.pre .. key_prefix .. counter .. halves.post
   else
     local r = math.random(100)
     if r <= 40 then return pick(lists)

@@ -2,8 +2,11 @@
 # fresh database on $port, and seeds 100 users x 20 tasks through the API.
 # Sets: binary, server (pid), work (temp dir), BENCH_USERS (the users file).
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
-cargo build --release --locked -q
-binary=target/release/task-api
+# BENCH_BINARY: another build to measure (e.g. an earlier release), instead of this tree's.
+if [ -z "${BENCH_BINARY:-}" ]; then
+  cargo build --release --locked -q
+fi
+binary=${BENCH_BINARY:-target/release/task-api}
 work=$(mktemp -d)
 trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -12,7 +15,7 @@ export DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$work/bench.db}
 export PORT=$port HOST=127.0.0.1 RUST_LOG=${RUST_LOG:-warn}
 if [[ $DATABASE_URL == postgres* ]]; then
   # A clean table each run, so every run measures the same data.
-  psql "$DATABASE_URL" -q -c 'DROP TABLE IF EXISTS tasks, _sqlx_migrations' 2>/dev/null || true
+  psql "$DATABASE_URL" -q -c 'DROP TABLE IF EXISTS tasks, user_changes, idempotency_keys, _sqlx_migrations; DROP FUNCTION IF EXISTS tasks_count_change' 2>/dev/null || true
 fi
 "$binary" > "$work/server.log" 2>&1 &
 server=$!

@@ -1,9 +1,11 @@
--- The service's patch statement (complete only), scoped to the task's owner.
+-- The service's patch statement (complete only, no If-Match), scoped to the task's owner.
 \set id random(1, 2000)
 UPDATE tasks
 SET title = COALESCE(NULL::text, title),
     description = CASE WHEN false THEN NULL::text ELSE description END,
     complete = COALESCE(true, complete),
+    version = version + 1,
     updated_at = GREATEST(now(), updated_at + interval '1 microsecond')
 WHERE id = :id AND user_id = 'bench-user-' || ((:id - 1) / 20)
-RETURNING id, user_id, title, description, complete, created_at, updated_at;
+  AND (NULL::int8[] IS NULL OR version = ANY(NULL::int8[]))
+RETURNING id, user_id, title, description, complete, created_at, updated_at, version;

@@ -1,0 +1,13 @@
+-- The service's patch statement with If-Match naming the current version. pgbench cannot
+-- know it, so the array holds the row's own version: the check runs, and matches, as the
+-- service's does.
+\set id random(1, 2000)
+UPDATE tasks
+SET title = COALESCE(NULL::text, title),
+    description = CASE WHEN false THEN NULL::text ELSE description END,
+    complete = COALESCE(true, complete),
+    version = version + 1,
+    updated_at = GREATEST(now(), updated_at + interval '1 microsecond')
+WHERE id = :id AND user_id = 'bench-user-' || ((:id - 1) / 20)
+  AND (ARRAY[version]::int8[] IS NULL OR version = ANY(ARRAY[version]::int8[]))
+RETURNING id, user_id, title, description, complete, created_at, updated_at, version;
