@@ -92,6 +92,9 @@ pub enum ApiError {
     /// 422: the `Idempotency-Key` was first used with another request.
     #[error("idempotency key reused")]
     IdempotencyKeyReused,
+    /// 409: other requests with the same `Idempotency-Key` are in flight.
+    #[error("idempotency key in use")]
+    IdempotencyKeyInUse,
 }
 
 impl ApiError {
@@ -243,6 +246,13 @@ impl IntoResponse for ApiError {
                     "This service requires If-Match on PUT, PATCH and DELETE",
                 ),
             ),
+            Self::IdempotencyKeyInUse => (
+                StatusCode::CONFLICT,
+                ErrorReport::message(
+                    "IDEMPOTENCY_KEY_IN_USE",
+                    "Other requests with this Idempotency-Key are in progress; retry shortly",
+                ),
+            ),
             Self::IdempotencyKeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorReport {
@@ -262,7 +272,10 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if matches!(report.code, "DATABASE_ERROR" | "SERVICE_UNAVAILABLE") {
+        if matches!(
+            report.code,
+            "DATABASE_ERROR" | "SERVICE_UNAVAILABLE" | "IDEMPOTENCY_KEY_IN_USE"
+        ) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -300,6 +313,18 @@ mod tests {
             body["detail"],
             serde_json::json!([{"loc": ["body", "title"], "msg": "Field required", "type": "missing"}])
         );
+    }
+
+    #[test]
+    fn write_refusals_carry_their_headers() {
+        let failed = ApiError::PreconditionFailed { current: 4 }.into_response();
+        assert_eq!(failed.status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(failed.headers()[header::ETAG], "\"4\"");
+        let in_use = ApiError::IdempotencyKeyInUse.into_response();
+        assert_eq!(in_use.status(), StatusCode::CONFLICT);
+        assert_eq!(in_use.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
+        let report = in_use.extensions().get::<ErrorReport>().unwrap();
+        assert_eq!(report.code, "IDEMPOTENCY_KEY_IN_USE");
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl From<StoreError> for ApiError {
             StoreError::Database(e) => Self::Database(e),
             StoreError::Timeout => Self::DatabaseTimeout,
             StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
+            StoreError::KeyContended => Self::IdempotencyKeyInUse,
         }
     }
 }

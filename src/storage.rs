@@ -41,6 +41,10 @@ pub enum StoreError {
     /// The task exists and is the caller's, but its version is not one `If-Match` named.
     #[error("task is at version {current}")]
     VersionMismatch { current: i64 },
+    /// An idempotency key was taken, then gone, twice in a row: other requests with the
+    /// same key are claiming and expiring it right now.
+    #[error("idempotency key contended")]
+    KeyContended,
 }
 
 /// A page of the user's tasks and their change counter, read in one snapshot.

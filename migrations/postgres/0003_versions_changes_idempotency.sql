@@ -1,8 +1,10 @@
 -- Versions for conditional requests, the per-user change counter, and idempotent create.
 -- Runs in one transaction: interrupted half-way, it leaves the database as it was.
 
--- A task's version: 1 on creation, +1 on every PUT or PATCH (the statements set it, in
--- the same statement that checks If-Match). Adopted tasks start at 1.
+-- A task's version: 1 on creation, +1 on every update (the trigger below sets it, so an
+-- update from anywhere — an older instance during a rolling upgrade, a script — moves
+-- it; the service's own statements check If-Match in the same UPDATE). Adopted tasks
+-- start at 1.
 ALTER TABLE tasks ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 
 -- The per-user change counter. Every write to a user's tasks takes the next number from
@@ -23,8 +25,8 @@ WHERE tasks.id = numbered.id;
 INSERT INTO user_changes (user_id, counter)
 SELECT user_id, max(change_seq) FROM tasks GROUP BY user_id;
 
--- The database enforces the counter: every insert, update and delete of a task bumps it,
--- whoever sends the statement.
+-- The database enforces the counter and the version: every insert, update and delete of a
+-- task bumps the counter, and every update the version, whoever sends the statement.
 CREATE FUNCTION tasks_count_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     changed_user VARCHAR := CASE WHEN TG_OP = 'DELETE' THEN OLD.user_id ELSE NEW.user_id END;
@@ -36,12 +38,25 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
     END IF;
+    IF TG_OP = 'UPDATE' THEN
+        NEW.version := OLD.version + 1;
+    END IF;
     NEW.change_seq := number;
     RETURN NEW;
 END
 $$;
 CREATE TRIGGER tasks_count_change BEFORE INSERT OR UPDATE OR DELETE ON tasks
 FOR EACH ROW EXECUTE FUNCTION tasks_count_change();
+
+-- A create with an Idempotency-Key draws the task's id from the id column's sequence
+-- (found with pg_get_serial_sequence): it must be owned by the column, as SERIAL makes it.
+DO $$
+BEGIN
+    IF pg_get_serial_sequence('tasks', 'id') IS NULL THEN
+        RAISE EXCEPTION 'tasks.id has no owned sequence; run ALTER SEQUENCE <its sequence> OWNED BY tasks.id';
+    END IF;
+END
+$$;
 
 -- Idempotency-Key: one row per (user, key), written in the same statement as the task it
 -- created. It holds the request as validated (a repeat must match it) and the answer

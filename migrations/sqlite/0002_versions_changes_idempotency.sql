@@ -17,10 +17,12 @@ WHERE tasks.id = numbered.id;
 INSERT INTO user_changes (user_id, counter)
 SELECT user_id, max(change_seq) FROM tasks GROUP BY user_id;
 
--- Every insert, update and delete of a task bumps its user's counter. (SQLite's BEFORE
--- triggers cannot set NEW, so the number is written to the row right after.) The update
--- trigger fires on `version`, which every PUT and PATCH changes and its own
--- `change_seq` write does not.
+-- Every insert, update and delete of a task bumps its user's counter, and every update
+-- its version. (SQLite's BEFORE triggers cannot set NEW, so the numbers are written to
+-- the row right after; the service's statements set the version themselves, so that
+-- RETURNING shows it, and the trigger only bumps it for an update that did not.) The
+-- update trigger fires on the task's fields, which the trigger's own writes do not touch;
+-- SQLite does not run triggers from inside triggers unless told to.
 CREATE TRIGGER tasks_insert_counts_change AFTER INSERT ON tasks
 BEGIN
     INSERT INTO user_changes (user_id, counter) VALUES (NEW.user_id, 1)
@@ -28,11 +30,14 @@ BEGIN
     UPDATE tasks SET change_seq = (SELECT counter FROM user_changes WHERE user_id = NEW.user_id)
     WHERE id = NEW.id;
 END;
-CREATE TRIGGER tasks_update_counts_change AFTER UPDATE OF version ON tasks
+CREATE TRIGGER tasks_update_counts_change
+AFTER UPDATE OF title, description, complete, created_at, updated_at, version ON tasks
 BEGIN
     INSERT INTO user_changes (user_id, counter) VALUES (NEW.user_id, 1)
     ON CONFLICT (user_id) DO UPDATE SET counter = counter + 1;
-    UPDATE tasks SET change_seq = (SELECT counter FROM user_changes WHERE user_id = NEW.user_id)
+    UPDATE tasks SET change_seq = (SELECT counter FROM user_changes WHERE user_id = NEW.user_id),
+                     version = CASE WHEN NEW.version = OLD.version THEN OLD.version + 1
+                                    ELSE NEW.version END
     WHERE id = NEW.id;
 END;
 CREATE TRIGGER tasks_delete_counts_change AFTER DELETE ON tasks

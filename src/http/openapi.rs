@@ -178,6 +178,7 @@ pub enum ErrorCode {
     PRECONDITION_FAILED,
     PRECONDITION_REQUIRED,
     IDEMPOTENCY_KEY_REUSED,
+    IDEMPOTENCY_KEY_IN_USE,
 }
 
 /// `/health` when the database answers.
@@ -250,6 +251,17 @@ pub enum CreateInvalid {
     /// (`loc: ["header", "Idempotency-Key"]`).
     #[response(status = 422, example = json!({"detail": [{"loc": ["header", "Idempotency-Key"], "msg": "This Idempotency-Key was used with a different request", "type": "idempotency_key_reused"}], "error_code": "IDEMPOTENCY_KEY_REUSED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Invalid(ValidationErrorResponse),
+}
+
+/// 409 of a create with an `Idempotency-Key`.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum KeyInUse {
+    /// Other requests with the same key are being claimed and expired at this moment
+    /// (`IDEMPOTENCY_KEY_IN_USE`); a concurrent repeat otherwise waits for the first and
+    /// gets its replay.
+    #[response(status = 409, example = json!({"detail": "Other requests with this Idempotency-Key are in progress; retry shortly", "error_code": "IDEMPOTENCY_KEY_IN_USE", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    InUse(ErrorResponse),
 }
 
 /// 304 of a conditional GET.

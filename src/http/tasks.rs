@@ -14,8 +14,8 @@ use super::extract::{
     IdempotencyKeyHeader, IfMatch, IfNoneMatch, JsonObject, ListQuery, Owner, TaskId,
 };
 use super::openapi::{
-    AccessErrors, BodyErrors, Conditional, CreateInvalid, Invalid, NewTaskBody, NotModified,
-    PatchTaskBody, ReplaceTaskBody, TaskNotFound, WritePreconditions,
+    AccessErrors, BodyErrors, Conditional, CreateInvalid, Invalid, KeyInUse, NewTaskBody,
+    NotModified, PatchTaskBody, ReplaceTaskBody, TaskNotFound, WritePreconditions,
 };
 use crate::error::ApiError;
 use crate::idempotency::{KeyReused as Reused, Outcome, remembered_since};
@@ -44,7 +44,7 @@ const IF_MATCH: &str = "Write only if the task is at one of these versions (stro
         ("complete" = Option<bool>, Query, description = "Only complete (`true`) or incomplete (`false`) tasks"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many tasks; without it, all"),
         ("offset" = Option<i64>, Query, minimum = 0, description = "Skip this many tasks first"),
-        ("If-None-Match" = Option<String>, Header, nullable = false, example = "*", pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = "The list's `ETag` from an earlier answer: 304 if none of the user's tasks was created, changed or deleted since (weak comparison; one tag for every list URL of the user)"),
+        ("If-None-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = "The list's `ETag` from an earlier answer: 304 if none of the user's tasks was created, changed or deleted since (weak comparison; one tag for every list URL of the user)"),
     ),
     responses((status = 200, description = "The tasks and their count", body = TaskList,
         headers(("ETag" = String, description = "Weak tag of the user's tasks: changes whenever any of them is created, changed or deleted"))),
@@ -78,7 +78,7 @@ async fn list(
          headers(("Location" = String, description = "The task's URL"),
                  ("ETag" = String, description = "The task's version as a strong tag: `\"1\"`"),
                  ("Idempotent-Replayed" = String, description = "`true` when this answers a repeated `Idempotency-Key`"))),
-        AccessErrors, BodyErrors, CreateInvalid))]
+        AccessErrors, BodyErrors, KeyInUse, CreateInvalid))]
 async fn create(
     State(app): State<AppState>,
     Owner(user): Owner,
@@ -124,7 +124,7 @@ async fn create(
 #[utoipa::path(get, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "get_task",
     security(("bearerAuth" = [])),
     params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
-        ("If-None-Match" = Option<String>, Header, nullable = false, example = "*", pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = "304 if the task is still at one of these versions (weak comparison), or exists (`*`)")),
+        ("If-None-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = "304 if the task is still at one of these versions (weak comparison), or exists (`*`)")),
     responses((status = 200, description = "The task", body = Task,
         headers(("ETag" = String, description = "The task's version as a strong tag"))),
         NotModified, Conditional, AccessErrors, TaskNotFound, Invalid))]
@@ -145,7 +145,7 @@ async fn show(
 #[utoipa::path(put, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "replace_task",
     security(("bearerAuth" = [])),
     params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
-        ("If-Match" = Option<String>, Header, nullable = false, example = "*", pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
+        ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
     request_body(content = ReplaceTaskBody, content_type = "application/json"),
     responses((status = 200, description = "The task as replaced", body = Task,
         headers(("ETag" = String, description = "The task's new version as a strong tag"))),
@@ -172,7 +172,7 @@ async fn replace(
 #[utoipa::path(patch, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "update_task",
     security(("bearerAuth" = [])),
     params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
-        ("If-Match" = Option<String>, Header, nullable = false, example = "*", pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
+        ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
     request_body(content = PatchTaskBody, content_type = "application/json"),
     responses((status = 200, description = "The task as updated", body = Task,
         headers(("ETag" = String, description = "The task's new version as a strong tag"))),
@@ -196,7 +196,7 @@ async fn update(
 #[utoipa::path(delete, path = "/api/{user_id}/tasks/{task_id}", tag = "tasks", operation_id = "delete_task",
     security(("bearerAuth" = [])),
     params(("user_id" = String, Path, description = USER_ID), ("task_id" = i64, Path, minimum = 1, description = TASK_ID),
-        ("If-Match" = Option<String>, Header, nullable = false, example = "*", pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
+        ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = IF_MATCH)),
     responses((status = 204, description = "Deleted; no body"), AccessErrors, Conditional, TaskNotFound, WritePreconditions, Invalid))]
 async fn remove(
     State(app): State<AppState>,

@@ -88,8 +88,11 @@ impl Statements {
             ),
             stored_key: "SELECT title, description, task_id, created_at FROM idempotency_keys
                          WHERE user_id = $1 AND idempotency_key = $2",
+            // The age test is repeated outside the subquery: a key reclaimed by a create
+            // while this statement waited for its row lock is re-checked on its new
+            // version (PostgreSQL re-evaluates only the outer condition) and kept.
             purge_keys: "DELETE FROM idempotency_keys
-                         WHERE (user_id, idempotency_key) IN (
+                         WHERE created_at <= $1 AND (user_id, idempotency_key) IN (
                              SELECT user_id, idempotency_key FROM idempotency_keys
                              WHERE created_at <= $1 ORDER BY created_at LIMIT $2)",
             ping: "SELECT 1",
@@ -201,7 +204,7 @@ macro_rules! impl_task_store {
                         return Ok($crate::idempotency::Claim::Taken(stored.into()));
                     }
                 }
-                Err(sqlx::Error::RowNotFound.into())
+                Err($crate::storage::StoreError::KeyContended)
             }
 
             async fn get(

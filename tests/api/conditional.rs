@@ -400,6 +400,7 @@ crate::on_both_databases!(
     list_etag_changes_with_every_create_change_and_delete,
     preconditions_come_after_every_v1_check,
     require_if_match_answers_428_in_the_place_of_a_precondition,
+    writes_from_outside_the_service_move_versions_and_counters,
 );
 
 /// Two clients with the same `If-Match`, at once, 50 rounds: exactly one writes.
@@ -563,4 +564,42 @@ async fn sqlite_v1_file_is_upgraded_with_versions_and_counters() {
         .await
         .unwrap();
     assert_eq!(bob, 1);
+}
+
+/// An update made outside the service (a script, an older instance during a rolling
+/// upgrade) still moves the task's version and the user's change counter, so no client
+/// holding the old tag can overwrite it or be told "not modified".
+async fn writes_from_outside_the_service_move_versions_and_counters(app: TestApp) {
+    let task = app.create("alice", "t").await;
+    let url = task_url(&task);
+    let before = list_etag(&app, "/api/alice/tasks").await;
+    let mut side = app.side_connection().await;
+    side.execute(&format!(
+        "UPDATE tasks SET title = 'edited' WHERE id = {}",
+        task["id"]
+    ))
+    .await;
+    let now = app.call(Method::GET, &url, "alice", None).await;
+    assert_eq!(now.json["title"], "edited");
+    assert_tagged(&now, 2);
+    assert_ne!(list_etag(&app, "/api/alice/tasks").await, before);
+    patch(
+        &app,
+        &url,
+        &[("if-match", "\"1\"")],
+        json!({"title": "stale"}),
+    )
+    .await
+    .assert_error(StatusCode::PRECONDITION_FAILED, "PRECONDITION_FAILED");
+    // The service's own writes still count one version each.
+    assert_tagged(
+        &patch(
+            &app,
+            &url,
+            &[("if-match", "\"2\"")],
+            json!({"complete": true}),
+        )
+        .await,
+        3,
+    );
 }

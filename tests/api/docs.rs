@@ -116,7 +116,7 @@ async fn the_document_matches_the_router(app: TestApp) {
     );
     assert_eq!(
         responses("post", "/api/{user_id}/tasks"),
-        with(&["201", "400", "413", "415"])
+        with(&["201", "400", "409", "413", "415"])
     );
     assert_eq!(
         responses("get", "/api/{user_id}/tasks/{task_id}"),
@@ -264,7 +264,7 @@ async fn schemathesis_finds_no_failures(app: TestApp) {
             "\"header.If-Match\" = \"*\"\n\"header.If-None-Match\" = \"\\\"0\\\"\"\n\
              [generation]\nallow-extra-parameters = false\n\
              [[operations]]\ninclude-name = \"POST /api/{user_id}/tasks\"\n\
-             checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"401\", \"403\", \"422\", \"5xx\"]\n",
+             checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"401\", \"403\", \"409\", \"422\", \"5xx\"]\n",
         ),
     )
     .unwrap();

@@ -335,3 +335,31 @@ mod concurrent {
         one_task_per_key(vec![app, peer]).await;
     }
 }
+
+/// A purge that waits on a key being reclaimed by a create re-checks the key's age once
+/// the create commits, and keeps it: else the key would vanish and a retry create twice.
+#[tokio::test]
+async fn postgres_purge_keeps_a_key_reclaimed_while_it_waited() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    create_with_key(&app, "alice", "k", json!({"title": "t"})).await;
+    let cutoff = task_api::storage::now();
+    let mut side = app.side_connection().await;
+    // A create reclaiming the (by now forgotten) key, not yet committed.
+    side.execute(
+        "BEGIN; UPDATE idempotency_keys SET created_at = now() + interval '1 hour'
+         WHERE user_id = 'alice' AND idempotency_key = 'k'",
+    )
+    .await;
+    let store = app.store();
+    let purge = tokio::spawn(async move { store.purge_idempotency_keys(cutoff, 10).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !purge.is_finished(),
+        "the purge waits for the reclaiming create"
+    );
+    side.execute("COMMIT").await;
+    assert_eq!(purge.await.unwrap().unwrap(), 0);
+    assert_eq!(stored_keys(&app).await, 1);
+}

@@ -174,6 +174,14 @@ async fn cors_follows_the_configured_origins(app: TestApp) {
         .unwrap()
         .to_lowercase();
     assert!(headers.contains("authorization") && headers.contains("content-type"));
+    for name in [
+        "if-match",
+        "if-none-match",
+        "idempotency-key",
+        "last-event-id",
+    ] {
+        assert!(headers.contains(name), "{name} not allowed: {headers}");
+    }
 
     let reply = app.send(preflight("https://evil.example.com")).await;
     assert!(reply.header("access-control-allow-origin").is_none());
@@ -195,7 +203,20 @@ async fn cors_follows_the_configured_origins(app: TestApp) {
         .header("access-control-expose-headers")
         .unwrap()
         .to_lowercase();
-    assert!(exposed.contains("location") && exposed.contains("x-request-id"));
+    for name in [
+        "etag",
+        "location",
+        "x-request-id",
+        "retry-after",
+        "idempotent-replayed",
+        "ratelimit",
+        "ratelimit-policy",
+    ] {
+        assert!(
+            exposed.split(',').any(|h| h.trim() == name),
+            "{name} not exposed: {exposed}"
+        );
+    }
 }
 
 /// Collects log output in memory.

@@ -382,3 +382,18 @@ async fn migrations_wait_out_a_lock_longer_than_any_request_may() {
     assert!(second.is_ok(), "{:?}", second.err());
     assert!(started.elapsed() >= Duration::from_secs(2), "it did wait");
 }
+
+/// A keyed create draws its task id from the id column's sequence, so a table whose
+/// sequence is not owned by the column is refused at start-up, naming the fix.
+#[tokio::test]
+async fn an_id_sequence_not_owned_by_the_column_stops_start_up() {
+    let Some(url) = postgres_url() else { return };
+    let (schema, pool) = stage1_schema(&url).await;
+    pool.execute("ALTER SEQUENCE tasks_id_seq OWNED BY NONE")
+        .await
+        .unwrap();
+    let Err(error) = PgTaskStore::connect_with(schema.options(), &pool_settings()).await else {
+        panic!("start-up accepted a table whose id sequence is not owned");
+    };
+    assert!(error.to_string().contains("OWNED BY tasks.id"), "{error}");
+}
