@@ -100,7 +100,14 @@ impl Statements {
     }
 }
 
-/// `TaskStore` for a backend, from these items in scope where it is expanded:
+/// `TaskStore` for a backend, from these items in scope where it is expanded (see above).
+///
+/// Writes with `RETURNING` are read with `fetch_all`, never `fetch_one`/`fetch_optional`:
+/// SQLite runs its WAL auto-checkpoint only when a statement is stepped to its end, and
+/// sqlx stops after the first row and resets the statement, which commits without
+/// checkpointing — the WAL file then grows by every write, without bound.
+///
+/// The items:
 /// `SQL: LazyLock<Statements>`; `TaskRow` and `StoredKeyRow` (`FromRow`, `Into` the
 /// domain types); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)` (values to
 /// bind); and inherent methods `read()`/`write()` (a pooled connection),
@@ -161,17 +168,20 @@ macro_rules! impl_task_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
-                let row: TaskRow = conn
+                let rows: Vec<TaskRow> = conn
                     .run(|conn| {
                         sqlx::query_as(&SQL.create)
                             .bind(user_id)
                             .bind(task.title.as_str())
                             .bind(task.description.as_ref().map(|d| d.as_str()))
                             .bind(to_instant(now))
-                            .fetch_one(conn)
+                            .fetch_all(conn)
                     })
                     .await?;
-                Ok(row.into())
+                match rows.into_iter().next() {
+                    Some(row) => Ok(row.into()),
+                    None => Err(sqlx::Error::RowNotFound.into()),
+                }
             }
 
             async fn create_with_key(
@@ -234,7 +244,7 @@ macro_rules! impl_task_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
-                let row: Option<TaskRow> = conn
+                let rows: Vec<TaskRow> = conn
                     .run(|conn| {
                         sqlx::query_as(&SQL.replace)
                             .bind(id)
@@ -244,10 +254,10 @@ macro_rules! impl_task_store {
                             .bind(task.complete)
                             .bind(to_instant(now))
                             .bind(version_arg(guard))
-                            .fetch_optional(conn)
+                            .fetch_all(conn)
                     })
                     .await?;
-                match row {
+                match rows.into_iter().next() {
                     Some(row) => Ok(row.into()),
                     None => Err(explain_missing(&mut conn, id, user_id).await),
                 }
@@ -262,7 +272,7 @@ macro_rules! impl_task_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
-                let row: Option<TaskRow> = conn
+                let rows: Vec<TaskRow> = conn
                     .run(|conn| {
                         sqlx::query_as(&SQL.patch)
                             .bind(id)
@@ -278,10 +288,10 @@ macro_rules! impl_task_store {
                             .bind(patch.complete)
                             .bind(to_instant(now))
                             .bind(version_arg(guard))
-                            .fetch_optional(conn)
+                            .fetch_all(conn)
                     })
                     .await?;
-                match row {
+                match rows.into_iter().next() {
                     Some(row) => Ok(row.into()),
                     None => Err(explain_missing(&mut conn, id, user_id).await),
                 }

@@ -207,14 +207,15 @@ impl SqliteTaskStore {
         let created = conn
             .run(|conn| async move {
                 let mut tx = conn.begin().await?;
-                let row: TaskRow = sqlx::query_as(&SQL.create)
+                let rows: Vec<TaskRow> = sqlx::query_as(&SQL.create)
                     .bind(user_id)
                     .bind(title)
                     .bind(description)
                     .bind(now.timestamp_micros())
-                    .fetch_one(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await?;
-                let claimed: Option<i64> = sqlx::query_scalar(CLAIM_KEY)
+                let row = rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;
+                let claimed: Vec<i64> = sqlx::query_scalar(CLAIM_KEY)
                     .bind(user_id)
                     .bind(key.as_str())
                     .bind(title)
@@ -222,9 +223,9 @@ impl SqliteTaskStore {
                     .bind(row.id)
                     .bind(now.timestamp_micros())
                     .bind(remembered_since.timestamp_micros())
-                    .fetch_optional(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await?;
-                if claimed.is_some() {
+                if !claimed.is_empty() {
                     tx.commit().await?;
                     Ok(Some(row))
                 } else {

@@ -294,6 +294,14 @@ impl TestApp {
         }
     }
 
+    /// The SQLite database file (SQLite apps only).
+    pub fn sqlite_file(&self) -> std::path::PathBuf {
+        match &self.db {
+            Db::Sqlite { _dir, .. } => _dir.path().join("tasks.db"),
+            _ => panic!("not an SQLite app"),
+        }
+    }
+
     pub fn store(&self) -> Arc<dyn TaskStore> {
         match &self.db {
             Db::Sqlite { store, .. } => Arc::new(store.clone()),

@@ -423,3 +423,44 @@ crate::on_both_databases!(
     updated_at_strictly_increases_within_one_microsecond,
     concurrent_creates_get_unique_ids,
 );
+
+/// SQLite checkpoints its write-ahead log as writes go on, so the log stays near its
+/// 1000-page checkpoint size instead of growing by every write.
+#[tokio::test]
+async fn sqlite_wal_stays_bounded_under_sustained_writes() {
+    use task_api::tasks::{NewTask, TaskPatch, TaskReplace, Title};
+    use task_api::versions::VersionGuard;
+    let app = TestApp::sqlite().await;
+    let store = app.store();
+    let new = NewTask {
+        title: Title::parse("w".repeat(150)).unwrap(),
+        description: None,
+    };
+    let patch = TaskPatch {
+        title: None,
+        description: None,
+        complete: Some(true),
+    };
+    let replace = TaskReplace {
+        title: Title::parse("r".repeat(150)).unwrap(),
+        description: None,
+        complete: false,
+    };
+    let now = task_api::storage::now();
+    for _ in 0..1000 {
+        let task = store.create("alice", &new, now).await.unwrap();
+        store
+            .patch("alice", task.id, &patch, &VersionGuard::Any, now)
+            .await
+            .unwrap();
+        store
+            .replace("alice", task.id, &replace, &VersionGuard::Any, now)
+            .await
+            .unwrap();
+    }
+    let wal = std::fs::metadata(app.sqlite_file().with_extension("db-wal"))
+        .unwrap()
+        .len();
+    // 3000 writes of several pages each would be tens of MiB without checkpoints.
+    assert!(wal < 8 << 20, "WAL is {wal} bytes");
+}
