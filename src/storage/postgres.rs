@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection, Executor};
 use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
 use super::sql::{Backend, Dialect, Statements, impl_task_store};
 use super::{PoolSettings, PoolStatus, StoreError};
-use crate::idempotency::{IdempotencyKey, StoredCreate};
+use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
 use crate::versions::VersionGuard;
 
@@ -61,51 +61,8 @@ fn version_arg(guard: &VersionGuard) -> Option<&[i64]> {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct TaskRow {
-    id: i64,
-    user_id: String,
-    title: String,
-    description: Option<String>,
-    complete: bool,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    version: i64,
-}
-
-impl From<TaskRow> for Task {
-    fn from(r: TaskRow) -> Self {
-        Task {
-            id: r.id,
-            user_id: r.user_id,
-            title: r.title,
-            description: r.description,
-            complete: r.complete,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            version: r.version,
-        }
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct StoredKeyRow {
-    title: String,
-    description: Option<String>,
-    task_id: i64,
-    created_at: DateTime<Utc>,
-}
-
-impl From<StoredKeyRow> for StoredCreate {
-    fn from(r: StoredKeyRow) -> Self {
-        StoredCreate {
-            title: r.title,
-            description: r.description,
-            task_id: r.task_id,
-            created_at: r.created_at,
-        }
-    }
-}
+type TaskRow = super::sql::TaskRow<DateTime<Utc>>;
+type StoredKeyRow = super::sql::StoredKeyRow<DateTime<Utc>>;
 
 /// How long start-up waits to reach the database: a suspended Neon compute takes a few
 /// seconds to wake.

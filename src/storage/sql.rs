@@ -8,6 +8,79 @@
 //! `async_trait` futures cannot carry, and each expansion is plain code over one
 //! connection type.
 
+use chrono::{DateTime, Utc};
+
+use crate::idempotency::StoredCreate;
+use crate::tasks::Task;
+
+/// How a backend stores an instant: PostgreSQL as `timestamptz`, SQLite as integer
+/// microseconds since the Unix epoch (UTC).
+pub trait StoredInstant {
+    fn utc(self) -> DateTime<Utc>;
+}
+
+impl StoredInstant for DateTime<Utc> {
+    fn utc(self) -> DateTime<Utc> {
+        self
+    }
+}
+
+impl StoredInstant for i64 {
+    fn utc(self) -> DateTime<Utc> {
+        // Values outside chrono's range (±262,000 years) can only come from a hand-edited
+        // file.
+        DateTime::from_timestamp_micros(self).unwrap_or_default()
+    }
+}
+
+/// A task as every statement returns it, its instants as the backend stores them.
+#[derive(sqlx::FromRow)]
+pub struct TaskRow<I> {
+    pub id: i64,
+    pub user_id: String,
+    pub title: String,
+    pub description: Option<String>,
+    pub complete: bool,
+    pub created_at: I,
+    pub updated_at: I,
+    pub version: i64,
+}
+
+impl<I: StoredInstant> From<TaskRow<I>> for Task {
+    fn from(r: TaskRow<I>) -> Self {
+        Task {
+            id: r.id,
+            user_id: r.user_id,
+            title: r.title,
+            description: r.description,
+            complete: r.complete,
+            created_at: r.created_at.utc(),
+            updated_at: r.updated_at.utc(),
+            version: r.version,
+        }
+    }
+}
+
+/// An idempotency key's row: the request it came with and the task it created.
+#[derive(sqlx::FromRow)]
+pub struct StoredKeyRow<I> {
+    pub title: String,
+    pub description: Option<String>,
+    pub task_id: i64,
+    pub created_at: I,
+}
+
+impl<I: StoredInstant> From<StoredKeyRow<I>> for StoredCreate {
+    fn from(r: StoredKeyRow<I>) -> Self {
+        StoredCreate {
+            title: r.title,
+            description: r.description,
+            task_id: r.task_id,
+            created_at: r.created_at.utc(),
+        }
+    }
+}
+
 /// How a backend spells the two expressions that differ between SQL dialects.
 pub trait Dialect {
     /// `updated_at` after a write at instant `now`: never before the previous value
@@ -31,7 +104,7 @@ pub struct Statements {
     pub get: String,
     /// Owner and version of a task, to explain a write that matched no row.
     pub owner_and_version: &'static str,
-    pub replace: String,
+    /// PATCH, and PUT as a PATCH that names every field.
     pub patch: String,
     pub delete: String,
     pub stored_key: &'static str,
@@ -59,15 +132,6 @@ impl Statements {
             ),
             get: format!("SELECT {TASK} FROM tasks WHERE id = $1"),
             owner_and_version: "SELECT user_id, version FROM tasks WHERE id = $1",
-            replace: format!(
-                "UPDATE tasks
-                 SET title = $3, description = $4, complete = $5, version = version + 1,
-                     updated_at = {}
-                 WHERE id = $1 AND user_id = $2 AND {}
-                 RETURNING {TASK}",
-                D::next_updated_at("$6"),
-                D::version_is_one_of("$7"),
-            ),
             // `title` and `complete` cannot be NULL, so NULL means "unchanged";
             // `description` can, so a flag says whether to set it.
             patch: format!(
@@ -243,24 +307,13 @@ macro_rules! impl_task_store {
                 guard: &$crate::versions::VersionGuard,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let rows: Vec<TaskRow> = conn
-                    .run(|conn| {
-                        sqlx::query_as(&SQL.replace)
-                            .bind(id)
-                            .bind(user_id)
-                            .bind(task.title.as_str())
-                            .bind(task.description.as_ref().map(|d| d.as_str()))
-                            .bind(task.complete)
-                            .bind(to_instant(now))
-                            .bind(version_arg(guard))
-                            .fetch_all(conn)
-                    })
-                    .await?;
-                match rows.into_iter().next() {
-                    Some(row) => Ok(row.into()),
-                    None => Err(explain_missing(&mut conn, id, user_id).await),
-                }
+                // A full replacement: every field named, a missing description null.
+                let patch = $crate::tasks::TaskPatch {
+                    title: Some(task.title.clone()),
+                    description: Some(task.description.clone()),
+                    complete: Some(task.complete),
+                };
+                $crate::storage::TaskStore::patch(self, user_id, id, &patch, guard, now).await
             }
 
             async fn patch(

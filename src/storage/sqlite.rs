@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection};
 use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
 use super::sql::{Backend, Dialect, Statements, impl_task_store};
 use super::{PoolSettings, PoolStatus, StoreError};
-use crate::idempotency::{IdempotencyKey, StoredCreate};
+use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
 use crate::versions::VersionGuard;
 
@@ -56,56 +56,8 @@ fn version_arg(guard: &VersionGuard) -> Option<String> {
 
 /// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
 /// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
-#[derive(sqlx::FromRow)]
-struct TaskRow {
-    id: i64,
-    user_id: String,
-    title: String,
-    description: Option<String>,
-    complete: bool,
-    created_at: i64,
-    updated_at: i64,
-    version: i64,
-}
-
-impl From<TaskRow> for Task {
-    fn from(r: TaskRow) -> Self {
-        Task {
-            id: r.id,
-            user_id: r.user_id,
-            title: r.title,
-            description: r.description,
-            complete: r.complete,
-            created_at: from_micros(r.created_at),
-            updated_at: from_micros(r.updated_at),
-            version: r.version,
-        }
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct StoredKeyRow {
-    title: String,
-    description: Option<String>,
-    task_id: i64,
-    created_at: i64,
-}
-
-impl From<StoredKeyRow> for StoredCreate {
-    fn from(r: StoredKeyRow) -> Self {
-        StoredCreate {
-            title: r.title,
-            description: r.description,
-            task_id: r.task_id,
-            created_at: from_micros(r.created_at),
-        }
-    }
-}
-
-fn from_micros(micros: i64) -> DateTime<Utc> {
-    // Values outside chrono's range (±262,000 years) can only come from a hand-edited file.
-    DateTime::from_timestamp_micros(micros).unwrap_or_default()
-}
+type TaskRow = super::sql::TaskRow<i64>;
+type StoredKeyRow = super::sql::StoredKeyRow<i64>;
 
 #[derive(Clone)]
 pub struct SqliteTaskStore {
