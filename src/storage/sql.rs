@@ -1,6 +1,6 @@
 //! What the two stores share, written once: every statement, and the logic of every
 //! store call. A backend supplies only its dialect — how it spells "the next
-//! `updated_at`" and "the version is one of these" — and how it encodes instants and
+//! `updated_at`" and "the version is one of these" — how it stores instants and binds
 //! version lists, its pools, and its way of claiming an idempotency key atomically.
 //!
 //! The logic is one `macro_rules!` body expanded once per backend rather than a function
@@ -164,18 +164,17 @@ impl Statements {
     }
 }
 
-/// `TaskStore` for a backend, from these items in scope where it is expanded (see above).
+/// `TaskStore` for a backend, from these items in scope where it is expanded:
+/// `SQL: LazyLock<Statements>`; `TaskRow` and `StoredKeyRow` (the rows above, with the
+/// backend's instant type); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)`
+/// (values to bind); and inherent methods `read()`/`write()` (a pooled connection),
+/// `claim_key(..) -> Result<Option<Task>, StoreError>`, `status()`, `wait()`; plus
+/// [`Backend`] for the connection type.
 ///
 /// Writes with `RETURNING` are read with `fetch_all`, never `fetch_one`/`fetch_optional`:
 /// SQLite runs its WAL auto-checkpoint only when a statement is stepped to its end, and
 /// sqlx stops after the first row and resets the statement, which commits without
 /// checkpointing — the WAL file then grows by every write, without bound.
-///
-/// The items:
-/// `SQL: LazyLock<Statements>`; `TaskRow` and `StoredKeyRow` (`FromRow`, `Into` the
-/// domain types); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)` (values to
-/// bind); and inherent methods `read()`/`write()` (a pooled connection),
-/// `claim_key(..) -> Result<Option<Task>, StoreError>`, `status()`, `wait()`.
 macro_rules! impl_task_store {
     ($store:ty, $backend:literal) => {
         #[async_trait::async_trait]
