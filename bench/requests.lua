@@ -43,30 +43,42 @@ function init(args)
       versions[path] = tonumber(version)
     end
   end
-  local n = 0
+  local users = {}
   for line in io.lines(os.getenv("BENCH_USERS")) do
     local user, token, first = line:match("(%S+) (%S+) (%S+)")
-    local path = "/api/" .. user .. "/tasks"
-    local auth = { ["Authorization"] = "Bearer " .. token }
-    local json = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" }
+    users[#users + 1] = { name = user, token = token, first = tonumber(first) }
+  end
+  for _, u in ipairs(users) do
+    local path = "/api/" .. u.name .. "/tasks"
+    local auth = { ["Authorization"] = "Bearer " .. u.token }
+    local json = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json" }
     lists[#lists + 1] = wrk.format("GET", path .. "?limit=20", auth)
     local body = '{"title": "benchmark task", "description": "made by wrk"}'
     creates[#creates + 1] = wrk.format("POST", path, json, body)
-    local with_key = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json",
+    local with_key = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json",
       ["Idempotency-Key"] = "@KEY@" }
     local pre, post = halves("POST", path, with_key, body, "@KEY@")
     keyed[#keyed + 1] = { pre = pre, post = post }
-    for i = 0, TASKS_PER_USER - 1 do
-      local task = path .. "/" .. (tonumber(first) + i)
+  end
+  -- Tasks in the order task 0 of every user, task 1 of every user, …: consecutive
+  -- requests go to different users, as pgbench's random ids do. (One user's writes
+  -- queue on the user's change counter, so a walk through one user's tasks would
+  -- measure that queue instead.)
+  local n = 0
+  for i = 0, TASKS_PER_USER - 1 do
+    for _, u in ipairs(users) do
+      local task = "/api/" .. u.name .. "/tasks/" .. (u.first + i)
+      local auth = { ["Authorization"] = "Bearer " .. u.token }
+      local json = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json" }
       local change = '{"complete": ' .. ((i % 2 == 0) and "true" or "false") .. '}'
       gets[#gets + 1] = wrk.format("GET", task, auth)
       patches[#patches + 1] = wrk.format("PATCH", task, json, change)
       local version = versions[task]
       if version then
         not_modified[#not_modified + 1] = wrk.format("GET", task,
-          { ["Authorization"] = "Bearer " .. token, ["If-None-Match"] = '"' .. version .. '"' })
+          { ["Authorization"] = "Bearer " .. u.token, ["If-None-Match"] = '"' .. version .. '"' })
         if n % threads == index then
-          local guard = { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json",
+          local guard = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json",
             ["If-Match"] = '"@V@"' }
           local pre, post = halves("PATCH", task, guard, change, "@V@")
           guarded[#guarded + 1] = { pre = pre, post = post, version = version }
@@ -81,7 +93,7 @@ function init(args)
   key_prefix = "wrk-" .. os.time() .. "-" .. index .. "-" .. math.random(1, 1000000000) .. "-"
 end
 
--- Consecutive requests go to different users; gets and patches walk each user's tasks.
+-- Consecutive requests go to different users.
 local function pick(t)
   return t[(counter % #t) + 1]
 end
