@@ -134,6 +134,9 @@ pub struct Config {
     pub require_if_match: bool,
     /// How long an `Idempotency-Key` is remembered (`IDEMPOTENCY_TTL`, default 24 h).
     pub idempotency_ttl: std::time::Duration,
+    /// How long a sync cursor stays valid and deletions are remembered (`SYNC_RETENTION`,
+    /// default 30 days).
+    pub sync_retention: std::time::Duration,
 }
 
 /// Enough to keep the database pool busy several times over, few enough that waiting
@@ -223,6 +226,10 @@ impl Config {
             None => crate::idempotency::DEFAULT_TTL,
             Some(v) => parse_duration("IDEMPOTENCY_TTL", &v)?,
         };
+        let sync_retention = match get("SYNC_RETENTION") {
+            None => crate::sync::DEFAULT_RETENTION,
+            Some(v) => parse_duration("SYNC_RETENTION", &v)?,
+        };
 
         let auth = auth_config(&get)?;
         if environment == Environment::Production && !auth.has_key() {
@@ -299,6 +306,7 @@ impl Config {
             max_concurrent_requests,
             require_if_match,
             idempotency_ttl,
+            sync_retention,
         })
     }
 }
@@ -405,11 +413,21 @@ mod tests {
         assert_eq!((c.tls, c.metrics_addr), (None, None));
         assert!(!c.require_if_match);
         assert_eq!(c.idempotency_ttl, std::time::Duration::from_secs(24 * 3600));
+        assert_eq!(
+            c.sync_retention,
+            std::time::Duration::from_secs(30 * 86_400)
+        );
     }
 
     #[test]
     fn write_settings() {
-        let c = load(&[("REQUIRE_IF_MATCH", "true"), ("IDEMPOTENCY_TTL", "30d")]).unwrap();
+        let c = load(&[
+            ("REQUIRE_IF_MATCH", "true"),
+            ("IDEMPOTENCY_TTL", "30d"),
+            ("SYNC_RETENTION", "7d"),
+        ])
+        .unwrap();
+        assert_eq!(c.sync_retention, std::time::Duration::from_secs(7 * 86_400));
         assert!(c.require_if_match);
         assert_eq!(
             c.idempotency_ttl,
@@ -473,6 +491,8 @@ mod tests {
             (vec![("REQUIRE_IF_MATCH", "1")], "REQUIRE_IF_MATCH"),
             (vec![("IDEMPOTENCY_TTL", "forever")], "IDEMPOTENCY_TTL"),
             (vec![("IDEMPOTENCY_TTL", "0s")], "IDEMPOTENCY_TTL"),
+            (vec![("SYNC_RETENTION", "0s")], "SYNC_RETENTION"),
+            (vec![("SYNC_RETENTION", "a month")], "SYNC_RETENTION"),
             (vec![("APP_ENV", "production")], "JWT_SECRET"),
             (
                 vec![("JWT_SECRET", "a"), ("BETTER_AUTH_SECRET", "b")],

@@ -95,6 +95,9 @@ pub enum ApiError {
     /// 409: other requests with the same `Idempotency-Key` are in flight.
     #[error("idempotency key in use")]
     IdempotencyKeyInUse,
+    /// 410: a sync cursor older than `SYNC_RETENTION` (or from before a restore).
+    #[error("cursor expired")]
+    CursorExpired,
 }
 
 impl ApiError {
@@ -239,6 +242,13 @@ impl IntoResponse for ApiError {
                 ));
                 return response;
             }
+            Self::CursorExpired => (
+                StatusCode::GONE,
+                ErrorReport::message(
+                    "CURSOR_EXPIRED",
+                    "This cursor has expired: start again with a full sync (no cursor)",
+                ),
+            ),
             Self::PreconditionRequired => (
                 StatusCode::PRECONDITION_REQUIRED,
                 ErrorReport::message(

@@ -19,11 +19,13 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::Verifier;
 use crate::config::CorsOrigins;
+use crate::cursors::CursorKey;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::storage::{StoreError, TaskStore};
 use crate::tasks::BodyError;
 
+mod changes;
 pub mod extract;
 pub mod middleware;
 pub mod openapi;
@@ -46,11 +48,16 @@ pub struct AppState {
     pub require_if_match: bool,
     /// How long an `Idempotency-Key` is remembered after its create (`IDEMPOTENCY_TTL`).
     pub idempotency_ttl: Duration,
+    /// Signs and opens list and feed cursors.
+    pub cursors: Arc<CursorKey>,
+    /// How long a feed cursor stays valid (`SYNC_RETENTION`).
+    pub sync_retention: Duration,
 }
 
 impl AppState {
-    /// The state for a store and a verifier, with metrics over both.
-    pub fn new(store: Arc<dyn TaskStore>, verifier: Verifier) -> Self {
+    /// The state for a store, a verifier and the cursor key, with metrics over the first
+    /// two.
+    pub fn new(store: Arc<dyn TaskStore>, verifier: Verifier, cursors: CursorKey) -> Self {
         let metrics = Metrics::new(Some(store.clone()), verifier.jwks_fetches());
         Self {
             store,
@@ -58,6 +65,8 @@ impl AppState {
             metrics: Arc::new(metrics),
             require_if_match: false,
             idempotency_ttl: crate::idempotency::DEFAULT_TTL,
+            cursors: Arc::new(cursors),
+            sync_retention: crate::sync::DEFAULT_RETENTION,
         }
     }
 }
@@ -72,6 +81,8 @@ pub struct HttpOptions {
     pub require_if_match: bool,
     /// How long an `Idempotency-Key` is remembered after its create.
     pub idempotency_ttl: Duration,
+    /// How long a feed cursor stays valid.
+    pub sync_retention: Duration,
 }
 
 impl Default for HttpOptions {
@@ -81,6 +92,7 @@ impl Default for HttpOptions {
             max_concurrent_requests: crate::config::DEFAULT_MAX_CONCURRENT_REQUESTS,
             require_if_match: false,
             idempotency_ttl: crate::idempotency::DEFAULT_TTL,
+            sync_retention: crate::sync::DEFAULT_RETENTION,
         }
     }
 }
@@ -115,7 +127,11 @@ impl From<BodyError> for ApiError {
 pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
     state.require_if_match = options.require_if_match;
     state.idempotency_ttl = options.idempotency_ttl;
-    let (api, document) = tasks::router().routes(routes!(health)).split_for_parts();
+    state.sync_retention = options.sync_retention;
+    let (api, document) = tasks::router()
+        .merge(changes::router())
+        .routes(routes!(health))
+        .split_for_parts();
     let document = openapi::ApiDoc::openapi().merge_from(document);
     let router = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
@@ -227,6 +243,7 @@ fn cors_layer(origins: &CorsOrigins) -> Option<CorsLayer> {
                 X_REQUEST_ID.clone(),
                 header::RETRY_AFTER,
                 tasks::IDEMPOTENT_REPLAYED.clone(),
+                header::LINK,
                 HeaderName::from_static("ratelimit"),
                 HeaderName::from_static("ratelimit-policy"),
             ])

@@ -13,11 +13,14 @@ use tokio::net::TcpListener;
 
 pub mod auth;
 pub mod config;
+pub mod cursors;
 pub mod error;
 pub mod http;
 pub mod idempotency;
+pub mod lists;
 pub mod metrics;
 pub mod storage;
+pub mod sync;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
@@ -72,11 +75,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let verifier = auth::Verifier::new(&config.auth);
     // Until the first fetch succeeds, JWKS-signed tokens get 503; /health is unaffected.
     verifier.spawn_jwks_refresh();
-    tokio::spawn(storage::purge_idempotency_keys_forever(
-        store.clone(),
-        config.idempotency_ttl,
-    ));
-    let state = http::AppState::new(store, verifier);
+    let upkeep = storage::upkeep::Upkeep {
+        idempotency_ttl: config.idempotency_ttl,
+        sync_retention: config.sync_retention,
+    };
+    tokio::spawn(storage::upkeep::run_forever(store.clone(), upkeep));
+    let cursors = storage::cursor_key(store.as_ref())
+        .await
+        .context("cannot read or store the cursor signing key")?;
+    let state = http::AppState::new(store, verifier, cursors);
 
     if let Some(metrics_addr) = config.metrics_addr {
         let metrics_listener = TcpListener::bind(metrics_addr)
@@ -92,6 +99,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         max_concurrent_requests: config.max_concurrent_requests,
         require_if_match: config.require_if_match,
         idempotency_ttl: config.idempotency_ttl,
+        sync_retention: config.sync_retention,
     };
     let app = http::app(state, &options);
     match tls {

@@ -16,14 +16,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
-use crate::idempotency::{Claim, IdempotencyKey, purge_interval};
-use crate::tasks::{ListFilter, NewTask, Task, TaskPatch, TaskReplace};
+use crate::idempotency::{Claim, IdempotencyKey};
+use crate::lists::Listing;
+use crate::sync::ChangePage;
+use crate::tasks::{NewTask, Task, TaskPatch, TaskReplace};
 use crate::versions::VersionGuard;
 
 pub mod pool;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
+pub mod upkeep;
 
 pub use postgres::PgTaskStore;
 pub use sqlite::SqliteTaskStore;
@@ -53,14 +56,26 @@ pub struct TaskPage {
     pub tasks: Vec<Task>,
     /// The user's change counter (0 before their first write): the list's `ETag`.
     pub marker: i64,
+    /// With a limit: more tasks follow the last one here.
+    pub has_more: bool,
 }
 
 /// Storage of tasks. `now` is passed in so that every backend stamps the same instant;
 /// `updated_at` becomes `max(now, previous updated_at + 1 µs)`, so it strictly increases.
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
-    /// The user's tasks, oldest first (by id), and their change counter.
-    async fn list(&self, user_id: &str, filter: &ListFilter) -> Result<TaskPage, StoreError>;
+    /// A page of the user's tasks in the listing's order, and their change counter.
+    async fn list(&self, user_id: &str, listing: &Listing) -> Result<TaskPage, StoreError>;
+    /// Up to `limit` of the user's changes numbered above `since`, in counter order,
+    /// with the counter, in one snapshot. `deletions: false` leaves tombstones out (a
+    /// full sync's first page).
+    async fn changes(
+        &self,
+        user_id: &str,
+        since: i64,
+        deletions: bool,
+        limit: i64,
+    ) -> Result<ChangePage, StoreError>;
     /// The user's change counter alone: one index probe, no task read.
     async fn change_marker(&self, user_id: &str) -> Result<i64, StoreError>;
     async fn create(
@@ -104,6 +119,15 @@ pub trait TaskStore: Send + Sync + 'static {
         cutoff: DateTime<Utc>,
         limit: i64,
     ) -> Result<u64, StoreError>;
+    /// Deletes up to `limit` tombstones of deletions made at or before `cutoff`, oldest
+    /// first; returns how many.
+    async fn purge_tombstones(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError>;
+    /// Folds the search copies of up to `limit` tasks whose copies are missing or stale
+    /// (written by something other than this service); returns how many.
+    async fn refold(&self, limit: i64) -> Result<u64, StoreError>;
+    /// The secret stored under `name`, storing `candidate` first if there is none: every
+    /// instance gets the one the first stored.
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// `"postgres"` or `"sqlite"`.
@@ -183,37 +207,11 @@ fn missing(found: Option<(String, i64)>, user_id: &str) -> StoreError {
     }
 }
 
-/// Keys deleted per statement: each purge statement stays short however many expired.
-pub const PURGE_BATCH: i64 = 1000;
-/// Statements per purge run: a run's work is bounded; what is left waits for the next.
-pub const PURGE_BATCHES_PER_RUN: usize = 20;
-
-/// Deletes forgotten idempotency keys every [`purge_interval`], until the process ends.
-pub async fn purge_idempotency_keys_forever(store: Arc<dyn TaskStore>, ttl: Duration) {
-    let mut tick = tokio::time::interval(purge_interval(ttl));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(error) = purge_idempotency_keys_once(store.as_ref(), ttl).await {
-            tracing::warn!(%error, "purging forgotten idempotency keys failed; will retry");
-        }
-    }
-}
-
-/// One purge run: up to [`PURGE_BATCHES_PER_RUN`] × [`PURGE_BATCH`] keys older than
-/// `ttl`. Returns how many it deleted.
-pub async fn purge_idempotency_keys_once(
-    store: &dyn TaskStore,
-    ttl: Duration,
-) -> Result<u64, StoreError> {
-    let cutoff = crate::idempotency::remembered_since(now(), ttl);
-    let mut deleted = 0;
-    for _ in 0..PURGE_BATCHES_PER_RUN {
-        let n = within_deadline(store.purge_idempotency_keys(cutoff, PURGE_BATCH)).await?;
-        deleted += n;
-        if n < PURGE_BATCH as u64 {
-            break;
-        }
-    }
-    Ok(deleted)
+/// The key that signs list and feed cursors, shared by every instance on this database:
+/// made by the first instance to start, read by the others.
+pub async fn cursor_key(store: &dyn TaskStore) -> Result<crate::cursors::CursorKey, StoreError> {
+    let candidate = crate::cursors::CursorKey::generate_secret()
+        .map_err(|e| StoreError::Database(sqlx::Error::Io(std::io::Error::other(e.to_string()))))?;
+    let secret = within_deadline(store.shared_secret("cursor_key", &candidate)).await?;
+    Ok(crate::cursors::CursorKey::new(&secret))
 }

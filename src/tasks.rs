@@ -15,7 +15,6 @@ use crate::error::FieldError;
 
 pub const TITLE_MAX_CHARS: usize = 200;
 pub const DESCRIPTION_MAX_CHARS: usize = 1000;
-pub const LIST_LIMIT_MAX: i64 = 1000;
 
 /// A stored task, as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -43,7 +42,7 @@ pub struct Task {
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`: microseconds are kept so that two updates in the same
 /// millisecond stay ordered. Written by hand into a stack buffer because chrono's
 /// `format` parses its pattern again for every call, which showed in the profile.
-fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     use chrono::{Datelike, Timelike};
     let mut out = *b"0000-00-00T00:00:00.000000Z";
     let mut put = |at: usize, width: usize, mut value: u32| {
@@ -66,12 +65,17 @@ fn rfc3339_utc<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Erro
 
 /// `GET /tasks` response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"tasks": [{"id": 1, "user_id": "alice", "title": "Buy milk", "description": null, "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z", "version": 1}], "count": 1}))]
+#[schema(example = json!({"tasks": [{"id": 1, "user_id": "alice", "title": "Buy milk", "description": null, "complete": false, "created_at": "2026-01-01T09:30:00.123456Z", "updated_at": "2026-01-01T09:30:00.123456Z", "version": 1}], "count": 1, "next_cursor": "AQAAAAAAAAABDq3mW0cK9d2Vv2fD3a0bQw"}))]
 pub struct TaskList {
-    /// Oldest first (by id).
+    /// In the order `sort` asks for (default: oldest first, by id).
     pub tasks: Vec<Task>,
     /// The number of tasks in this response.
     pub count: usize,
+    /// Only with `limit`: send it back as `cursor` (with the same `complete`, `sort` and
+    /// `q`) for the tasks after this page; `null` when none follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, required = false)]
+    pub next_cursor: Option<Option<String>>,
 }
 
 impl From<Vec<Task>> for TaskList {
@@ -79,6 +83,7 @@ impl From<Vec<Task>> for TaskList {
         Self {
             count: tasks.len(),
             tasks,
+            next_cursor: None,
         }
     }
 }
@@ -303,7 +308,11 @@ pub fn parse_task_id(raw: &str) -> Result<i64, FieldError> {
     parse_integer(LOC, raw, 1)
 }
 
-fn parse_integer(loc: &'static [&'static str], raw: &str, min: i64) -> Result<i64, FieldError> {
+pub(crate) fn parse_integer(
+    loc: &'static [&'static str],
+    raw: &str,
+    min: i64,
+) -> Result<i64, FieldError> {
     let (negative, digits) = match raw.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, raw),
@@ -335,66 +344,6 @@ fn greater_than_equal(loc: &'static [&'static str], min: i64) -> FieldError {
         "greater_than_equal",
         format!("Input should be greater than or equal to {min}"),
     )
-}
-
-/// `GET /tasks` query: `complete=true|false`, `limit` 1–1000, `offset` ≥ 0.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    pub complete: Option<bool>,
-    /// `None`: every task of the user.
-    pub limit: Option<i64>,
-    pub offset: i64,
-}
-
-impl ListFilter {
-    /// Parses a raw query string. Unknown parameters are ignored; when one is repeated the
-    /// last value counts.
-    pub fn parse(query: Option<&str>) -> Result<Self, Vec<FieldError>> {
-        let (mut complete, mut limit, mut offset) = (None, None, None);
-        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            match &*key {
-                "complete" => complete = Some(value),
-                "limit" => limit = Some(value),
-                "offset" => offset = Some(value),
-                _ => {}
-            }
-        }
-        let mut errors = Vec::new();
-        let mut filter = Self::default();
-        if let Some(value) = complete {
-            match &*value {
-                "true" => filter.complete = Some(true),
-                "false" => filter.complete = Some(false),
-                _ => errors.push(FieldError::new(
-                    &["query", "complete"],
-                    "bool_parsing",
-                    "Input should be true or false",
-                )),
-            }
-        }
-        if let Some(value) = limit {
-            match parse_integer(&["query", "limit"], &value, 1) {
-                Ok(n) if n > LIST_LIMIT_MAX => errors.push(FieldError::new(
-                    &["query", "limit"],
-                    "less_than_equal",
-                    "Input should be less than or equal to 1000",
-                )),
-                Ok(n) => filter.limit = Some(n),
-                Err(e) => errors.push(e),
-            }
-        }
-        if let Some(value) = offset {
-            match parse_integer(&["query", "offset"], &value, 0) {
-                Ok(n) => filter.offset = n,
-                Err(e) => errors.push(e),
-            }
-        }
-        if errors.is_empty() {
-            Ok(filter)
-        } else {
-            Err(errors)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -533,37 +482,6 @@ mod tests {
         ] {
             assert_eq!(parse_task_id(raw).unwrap_err().kind, kind, "{raw}");
         }
-    }
-
-    #[test]
-    fn list_filter_parses_and_reports_each_bad_parameter() {
-        assert_eq!(ListFilter::parse(None), Ok(ListFilter::default()));
-        assert_eq!(
-            ListFilter::parse(Some("complete=true&limit=5&offset=2&x=y")),
-            Ok(ListFilter {
-                complete: Some(true),
-                limit: Some(5),
-                offset: 2
-            })
-        );
-        let errors = ListFilter::parse(Some("complete=1&limit=0&offset=-1")).unwrap_err();
-        let locs: Vec<_> = errors.iter().map(|e| e.loc).collect();
-        assert_eq!(
-            locs,
-            vec![
-                &["query", "complete"][..],
-                &["query", "limit"],
-                &["query", "offset"]
-            ]
-        );
-        assert_eq!(
-            ListFilter::parse(Some("limit=1001")).unwrap_err()[0].kind,
-            "less_than_equal"
-        );
-        assert_eq!(
-            ListFilter::parse(Some("limit=1000")).unwrap().limit,
-            Some(1000)
-        );
     }
 
     #[test]

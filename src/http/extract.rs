@@ -17,7 +17,9 @@ use super::AppState;
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
 use crate::idempotency::IdempotencyKey;
-use crate::tasks::{ListFilter, parse_task_id};
+use crate::lists::ListParams;
+use crate::sync::ChangesParams;
+use crate::tasks::parse_task_id;
 use crate::versions::TagList;
 
 /// Positions of the path parameters in `/api/{user_id}/tasks/{task_id}`.
@@ -58,14 +60,27 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskId {
     }
 }
 
-/// The list query (`complete`, `limit`, `offset`).
-pub struct ListQuery(pub ListFilter);
+/// The list query (`complete`, `limit`, `offset`, `sort`, `q`, `cursor`).
+pub struct ListQuery(pub ListParams);
 
 impl<S: Send + Sync> FromRequestParts<S> for ListQuery {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        ListFilter::parse(parts.uri.query())
+        ListParams::parse(parts.uri.query())
+            .map(Self)
+            .map_err(ApiError::Validation)
+    }
+}
+
+/// The change feed query (`cursor`, `limit`).
+pub struct ChangesQuery(pub ChangesParams);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChangesQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        ChangesParams::parse(parts.uri.query())
             .map(Self)
             .map_err(ApiError::Validation)
     }

@@ -10,6 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::error::FieldError;
+use crate::sync::{Change, Feed};
 use crate::tasks::{Task, TaskList};
 
 #[derive(OpenApi)]
@@ -18,10 +19,11 @@ use crate::tasks::{Task, TaskList};
         title = "Task API",
         description = "Tasks of a multi-user todo application. Every `/api` call needs a Better Auth JWT (or a token signed with the shared secret) whose user is the path's `user_id`.",
     ),
-    components(schemas(Task, TaskList, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
+    components(schemas(Task, TaskList, Feed, Change, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
     modifiers(&BearerAuth, &PatchNeedsAField),
     tags(
         (name = "tasks", description = "A user's tasks"),
+        (name = "sync", description = "Catching up: what changed since a cursor"),
         (name = "service", description = "Service status"),
     ),
 )]
@@ -179,6 +181,7 @@ pub enum ErrorCode {
     PRECONDITION_REQUIRED,
     IDEMPOTENCY_KEY_REUSED,
     IDEMPOTENCY_KEY_IN_USE,
+    CURSOR_EXPIRED,
 }
 
 /// `/health` when the database answers.
@@ -294,4 +297,15 @@ pub enum WritePreconditions {
     /// (`PRECONDITION_REQUIRED`).
     #[response(status = 428, example = json!({"detail": "This service requires If-Match on PUT, PATCH and DELETE", "error_code": "PRECONDITION_REQUIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Required(ErrorResponse),
+}
+
+/// 410 of the change feed.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum CursorExpired {
+    /// The cursor was issued more than `SYNC_RETENTION` ago (or before the database was
+    /// restored from a backup): start again with a full sync, without `cursor`
+    /// (`CURSOR_EXPIRED`).
+    #[response(status = 410, example = json!({"detail": "This cursor has expired: start again with a full sync (no cursor)", "error_code": "CURSOR_EXPIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
+    Expired(ErrorResponse),
 }

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use utoipa_axum::router::OpenApiRouter;
@@ -36,25 +36,33 @@ const USER_ID: &str = "The owner's user id: the token's user (`user_id` claim, e
 const TASK_ID: &str = "The task's id: an integer from 1 to 2^63−1";
 const IF_MATCH: &str = "Write only if the task is at one of these versions (strong comparison: `\"3\"`), or exists (`*`); else 412. Required when the service runs with `REQUIRE_IF_MATCH=true` (else 428)";
 
-/// List the user's tasks, oldest first.
+/// List the user's tasks: a page, sorted, searched.
 #[utoipa::path(get, path = "/api/{user_id}/tasks", tag = "tasks", operation_id = "list_tasks",
     security(("bearerAuth" = [])),
     params(
         ("user_id" = String, Path, description = USER_ID),
         ("complete" = Option<bool>, Query, description = "Only complete (`true`) or incomplete (`false`) tasks"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many tasks; without it, all"),
-        ("offset" = Option<i64>, Query, minimum = 0, description = "Skip this many tasks first"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many tasks, and a `next_cursor` for the rest; without it, all"),
+        ("offset" = Option<i64>, Query, minimum = 0, description = "Skip this many tasks first (not with `cursor`)"),
+        ("sort" = Option<String>, Query, pattern = "^-?(id|created_at|updated_at|title)$", description = "Order by `id` (default), `created_at`, `updated_at` or `title` (by Unicode code point); `-` first for descending. Ties go by id, in the same direction"),
+        ("q" = Option<String>, Query, min_length = 1, max_length = 200, description = "Only tasks whose title or description contains this, ignoring case: both sides are compared after Unicode full case folding, without normalization (`STRASSE` finds `straße`; `cafe` does not find `café`)"),
+        ("cursor" = Option<String>, Query, description = "A `next_cursor` from an earlier page of this list (same `complete`, `sort` and `q`): the tasks after that page's last one, however many were created or deleted since. `limit` may differ"),
         ("If-None-Match" = Option<String>, Header, nullable = false, pattern = r#"^([*]|(W/)?"[!#-~]*"( *, *(W/)?"[!#-~]*")*)$"#, description = "The list's `ETag` from an earlier answer: 304 if none of the user's tasks was created, changed or deleted since (weak comparison; one tag for every list URL of the user)"),
     ),
     responses((status = 200, description = "The tasks and their count", body = TaskList,
-        headers(("ETag" = String, description = "Weak tag of the user's tasks: changes whenever any of them is created, changed or deleted"))),
+        headers(("ETag" = String, description = "Weak tag of the user's tasks: changes whenever any of them is created, changed or deleted"),
+                ("Link" = String, description = "With `limit`, when another page follows: `<url>; rel=\"next\"`, the URL of the next page (relative)"))),
         NotModified, Conditional, AccessErrors, Invalid))]
 async fn list(
     State(app): State<AppState>,
     Owner(user): Owner,
-    ListQuery(filter): ListQuery,
+    ListQuery(params): ListQuery,
     IfNoneMatch(if_none_match): IfNoneMatch,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
+    let listing = params
+        .open(&app.cursors, &user)
+        .map_err(ApiError::validation)?;
     // Revalidation reads the user's change counter only, never the tasks.
     if let Some(tags) = &if_none_match {
         let marker = within_deadline(app.store.change_marker(&user)).await?;
@@ -62,9 +70,38 @@ async fn list(
             return Ok(not_modified(list_etag(marker)));
         }
     }
-    let page = within_deadline(app.store.list(&user, &filter)).await?;
-    let etag = [(header::ETAG, list_etag(page.marker))];
-    Ok((etag, Json(TaskList::from(page.tasks))).into_response())
+    let page = within_deadline(app.store.list(&user, &listing)).await?;
+    let next_cursor = match (listing.limit, page.tasks.last()) {
+        (None, _) => None,
+        (Some(_), Some(last)) if page.has_more => {
+            Some(Some(listing.cursor_after(&app.cursors, &user, last)))
+        }
+        (Some(_), _) => Some(None),
+    };
+    let link = next_cursor
+        .as_ref()
+        .and_then(|c| c.as_deref())
+        .map(|cursor| [(header::LINK, next_link(&uri, cursor))]);
+    let body = TaskList {
+        count: page.tasks.len(),
+        tasks: page.tasks,
+        next_cursor,
+    };
+    Ok(([(header::ETAG, list_etag(page.marker))], link, Json(body)).into_response())
+}
+
+/// `Link: <…>; rel="next"`: this request's URL with `cursor` set (and no `offset`).
+fn next_link(uri: &Uri, cursor: &str) -> HeaderValue {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        if key != "cursor" && key != "offset" {
+            query.append_pair(&key, &value);
+        }
+    }
+    query.append_pair("cursor", cursor);
+    let link = format!("<{}?{}>; rel=\"next\"", uri.path(), query.finish());
+    // The path came in as a valid URI and the query is percent-encoded: visible ASCII.
+    HeaderValue::from_str(&link).unwrap_or_else(|_| HeaderValue::from_static("</>; rel=\"next\""))
 }
 
 /// Create a task.

@@ -26,6 +26,14 @@ impl Dialect for Postgres {
     fn version_is_one_of(param: &str) -> String {
         format!("({param}::int8[] IS NULL OR version = ANY({param}))")
     }
+
+    fn code_point_order(column: &str) -> String {
+        format!("{column} COLLATE \"C\"")
+    }
+
+    fn contains(haystack: &str, needle: &str) -> String {
+        format!("strpos({haystack}, {needle}) > 0")
+    }
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Postgres>);
@@ -45,8 +53,9 @@ const CLAIM_KEY_AND_CREATE: &str = "
             WHERE k.created_at <= $6
         RETURNING task_id
     )
-    INSERT INTO tasks (id, user_id, title, description, complete, created_at, updated_at)
-    SELECT task_id, $1, $3, $4, false, $5, $5 FROM claim
+    INSERT INTO tasks (id, user_id, title, description, complete, created_at, updated_at,
+                       title_folded, description_folded, folded_version)
+    SELECT task_id, $1, $3, $4, false, $5, $5, $7, $8, 1 FROM claim
     RETURNING id, user_id, title, description, complete, created_at, updated_at, version";
 
 fn to_instant(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -61,8 +70,9 @@ fn version_arg(guard: &VersionGuard) -> Option<&[i64]> {
     }
 }
 
-type TaskRow = super::sql::TaskRow<DateTime<Utc>>;
-type StoredKeyRow = super::sql::StoredKeyRow<DateTime<Utc>>;
+type Instant = DateTime<Utc>;
+type TaskRow = super::sql::TaskRow<Instant>;
+type StoredKeyRow = super::sql::StoredKeyRow<Instant>;
 
 /// How long start-up waits to reach the database: a suspended Neon compute takes a few
 /// seconds to wake.
@@ -153,6 +163,12 @@ impl PgTaskStore {
                     .bind(task.description.as_ref().map(|d| d.as_str()))
                     .bind(now)
                     .bind(remembered_since)
+                    .bind(crate::lists::fold(task.title.as_str()))
+                    .bind(
+                        task.description
+                            .as_ref()
+                            .map(|d| crate::lists::fold(d.as_str())),
+                    )
                     .fetch_optional(conn)
             })
             .await?;

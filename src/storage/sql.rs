@@ -11,6 +11,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::StoredCreate;
+use crate::lists::{Sort, SortKey};
 use crate::tasks::Task;
 
 /// How a backend stores an instant: PostgreSQL as `timestamptz`, SQLite as integer
@@ -88,6 +89,10 @@ pub trait Dialect {
     fn next_updated_at(now: &str) -> String;
     /// "`version` is one of the list bound at `param`" (a NULL list: any version).
     fn version_is_one_of(param: &str) -> String;
+    /// `column` compared by Unicode code point.
+    fn code_point_order(column: &str) -> String;
+    /// "the text `haystack` contains the text `needle`" (NULL or false when it does not).
+    fn contains(haystack: &str, needle: &str) -> String;
 }
 
 /// The columns of a task, in the order every statement returns them.
@@ -96,10 +101,11 @@ const TASK: &str = "id, user_id, title, description, complete, created_at, updat
 /// Every statement both stores send, in their dialect. Numbered parameters (`$1`) work on
 /// both.
 pub struct Statements {
-    /// The user's change counter and a page of their tasks, in one snapshot: the counter
-    /// row always comes back, with NULL task columns when the page is empty.
-    pub list: String,
+    /// One per sort order and with or without a keyset position ([`Statements::list`]).
+    lists: Vec<String>,
     pub change_marker: &'static str,
+    /// The user's counter and their changes above `$2`, in one snapshot.
+    pub changes: String,
     pub create: String,
     pub get: String,
     /// Owner and version of a task, to explain a write that matched no row.
@@ -109,38 +115,66 @@ pub struct Statements {
     pub delete: String,
     pub stored_key: &'static str,
     pub purge_keys: &'static str,
+    pub purge_tombstones: &'static str,
+    pub unfolded: &'static str,
+    pub refold: &'static str,
+    pub store_secret: &'static str,
+    pub secret: &'static str,
     pub ping: &'static str,
 }
 
 impl Statements {
     pub fn new<D: Dialect>() -> Self {
+        let lists = Sort::ALL
+            .iter()
+            .flat_map(|&sort| [list::<D>(sort, false), list::<D>(sort, true)])
+            .collect();
+        // The counter's subquery guards both scans: for an up-to-date cursor it is the
+        // only index probe (PostgreSQL evaluates it once, as a one-time filter).
+        let up_to = "(SELECT counter FROM user_changes WHERE user_id = $1) > $2";
         Self {
-            list: format!(
-                "SELECT marker.counter AS marker, t.*
+            lists,
+            change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
+            changes: format!(
+                "SELECT marker.counter AS marker, c.*
                  FROM (SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
                        AS counter) AS marker
-                 LEFT JOIN (SELECT {TASK} FROM tasks
-                            WHERE user_id = $1 AND ($2 IS NULL OR complete = $2)
-                            ORDER BY id LIMIT $3 OFFSET $4) AS t ON true
-                 ORDER BY t.id"
+                 LEFT JOIN (
+                     SELECT * FROM (
+                         SELECT change_seq, {TASK}, NULL AS deleted_at FROM tasks
+                         WHERE user_id = $1 AND change_seq > $2 AND {up_to}
+                         UNION ALL
+                         SELECT change_seq, task_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                                deleted_at
+                         FROM task_tombstones
+                         WHERE user_id = $1 AND change_seq > $2 AND $4 AND {up_to}
+                     ) AS u ORDER BY change_seq LIMIT $3
+                 ) AS c ON true
+                 ORDER BY c.change_seq"
             ),
-            change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
             create: format!(
-                "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at)
-                 VALUES ($1, $2, $3, false, $4, $4)
+                "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at,
+                                    title_folded, description_folded, folded_version)
+                 VALUES ($1, $2, $3, false, $4, $4, $5, $6, 1)
                  RETURNING {TASK}"
             ),
             get: format!("SELECT {TASK} FROM tasks WHERE id = $1"),
             owner_and_version: "SELECT user_id, version FROM tasks WHERE id = $1",
             // `title` and `complete` cannot be NULL, so NULL means "unchanged";
-            // `description` can, so a flag says whether to set it.
+            // `description` can, so a flag says whether to set it. The folded copies
+            // follow their fields, and stay current if they were, or if both are
+            // rewritten now.
             patch: format!(
                 "UPDATE tasks
                  SET title = COALESCE($3, title),
                      description = CASE WHEN $4 THEN $5 ELSE description END,
                      complete = COALESCE($6, complete),
                      version = version + 1,
-                     updated_at = {}
+                     updated_at = {},
+                     title_folded = CASE WHEN $3 IS NULL THEN title_folded ELSE $9 END,
+                     description_folded = CASE WHEN $4 THEN $10 ELSE description_folded END,
+                     folded_version = CASE WHEN folded_version = version OR ($3 IS NOT NULL AND $4)
+                                           THEN version + 1 ELSE folded_version END
                  WHERE id = $1 AND user_id = $2 AND {}
                  RETURNING {TASK}",
                 D::next_updated_at("$7"),
@@ -159,14 +193,74 @@ impl Statements {
                          WHERE created_at <= $1 AND (user_id, idempotency_key) IN (
                              SELECT user_id, idempotency_key FROM idempotency_keys
                              WHERE created_at <= $1 ORDER BY created_at LIMIT $2)",
+            purge_tombstones: "DELETE FROM task_tombstones
+                               WHERE deleted_at <= $1 AND (user_id, change_seq) IN (
+                                   SELECT user_id, change_seq FROM task_tombstones
+                                   WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)",
+            unfolded: "SELECT id, user_id, title, description, version FROM tasks
+                       WHERE folded_version <> version ORDER BY id LIMIT $1",
+            // Only if the task is still at the version that was folded.
+            refold: "UPDATE tasks
+                     SET title_folded = $4, description_folded = $5, folded_version = version
+                     WHERE user_id = $1 AND id = $2 AND version = $3",
+            store_secret: "INSERT INTO service_secrets (name, secret) VALUES ($1, $2)
+                           ON CONFLICT (name) DO NOTHING",
+            secret: "SELECT secret FROM service_secrets WHERE name = $1",
             ping: "SELECT 1",
         }
     }
+
+    /// The list statement for `sort`, continuing after a keyset position or not.
+    pub fn list(&self, sort: Sort, after: bool) -> &str {
+        &self.lists[sort.index() * 2 + usize::from(after)]
+    }
+}
+
+/// A page of the user's tasks and their change counter, in one snapshot (the counter row
+/// always comes back, with NULL task columns when the page is empty). Parameters: `$1`
+/// user, `$2` complete, `$3` limit, `$4` offset, `$5` folded `q`; after a position, `$6`
+/// its id and `$7` its sort key (unless sorting by id).
+fn list<D: Dialect>(sort: Sort, after: bool) -> String {
+    let column = match sort.key {
+        SortKey::Id => None,
+        SortKey::CreatedAt => Some("created_at".to_owned()),
+        SortKey::UpdatedAt => Some("updated_at".to_owned()),
+        SortKey::Title => Some(D::code_point_order("title")),
+    };
+    let (direction, beyond) = if sort.descending {
+        ("DESC", "<")
+    } else {
+        ("ASC", ">")
+    };
+    let order = |table: &str| match &column {
+        None => format!("{table}id {direction}"),
+        Some(column) => format!("{table}{column} {direction}, {table}id {direction}"),
+    };
+    let keyset = match (after, &column) {
+        (false, _) => String::new(),
+        (true, None) => format!("AND id {beyond} $6"),
+        (true, Some(column)) => format!("AND ({column}, id) {beyond} ($7, $6)"),
+    };
+    format!(
+        "SELECT marker.counter AS marker, t.*
+         FROM (SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
+               AS counter) AS marker
+         LEFT JOIN (SELECT {TASK} FROM tasks
+                    WHERE user_id = $1 AND ($2 IS NULL OR complete = $2)
+                      AND ($5 IS NULL OR (folded_version = version AND ({} OR {})))
+                      {keyset}
+                    ORDER BY {} LIMIT $3 OFFSET $4) AS t ON true
+         ORDER BY {}",
+        D::contains("title_folded", "$5"),
+        D::contains("description_folded", "$5"),
+        order(""),
+        order("t."),
+    )
 }
 
 /// `TaskStore` for a backend, from these items in scope where it is expanded:
-/// `SQL: LazyLock<Statements>`; `TaskRow` and `StoredKeyRow` (the rows above, with the
-/// backend's instant type); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)`
+/// `SQL: LazyLock<Statements>`; `Instant` (how it stores an instant), `TaskRow` and
+/// `StoredKeyRow` (the rows above, with that type); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)`
 /// (values to bind); and inherent methods `read()`/`write()` (a pooled connection),
 /// `claim_key(..) -> Result<Option<Task>, StoreError>`, `status()`, `wait()`; plus
 /// [`Backend`] for the connection type.
@@ -182,23 +276,36 @@ macro_rules! impl_task_store {
             async fn list(
                 &self,
                 user_id: &str,
-                filter: &$crate::tasks::ListFilter,
+                listing: &$crate::lists::Listing,
             ) -> Result<$crate::storage::TaskPage, $crate::storage::StoreError> {
                 use sqlx::{FromRow, Row};
+                use $crate::lists::After;
                 let mut conn = self.read().await?;
+                // One row more than the limit tells whether another page follows.
+                let limit = listing
+                    .limit
+                    .map_or(i64::MAX, |limit| limit.saturating_add(1));
                 let rows = conn
                     .run(|conn| {
-                        sqlx::query(&SQL.list)
+                        let query = sqlx::query(SQL.list(listing.sort, listing.after.is_some()))
                             .bind(user_id)
-                            .bind(filter.complete)
-                            .bind(filter.limit.unwrap_or(i64::MAX))
-                            .bind(filter.offset)
-                            .fetch_all(conn)
+                            .bind(listing.complete)
+                            .bind(limit)
+                            .bind(listing.offset)
+                            .bind(listing.q.as_ref().map(|q| q.folded.as_str()));
+                        let query = match &listing.after {
+                            None => query,
+                            Some(After::Id(id)) => query.bind(*id),
+                            Some(After::Instant(at, id)) => query.bind(*id).bind(to_instant(*at)),
+                            Some(After::Title(title, id)) => query.bind(*id).bind(title.as_str()),
+                        };
+                        query.fetch_all(conn)
                     })
                     .await?;
                 let mut page = $crate::storage::TaskPage {
                     tasks: Vec::with_capacity(rows.len()),
                     marker: 0,
+                    has_more: false,
                 };
                 for row in &rows {
                     page.marker = row.try_get("marker")?;
@@ -206,6 +313,56 @@ macro_rules! impl_task_store {
                         page.tasks.push(TaskRow::from_row(row)?.into());
                     }
                 }
+                if let Some(limit) = listing.limit {
+                    page.has_more = page.tasks.len() as i64 > limit;
+                    page.tasks.truncate(limit as usize);
+                }
+                Ok(page)
+            }
+
+            async fn changes(
+                &self,
+                user_id: &str,
+                since: i64,
+                deletions: bool,
+                limit: i64,
+            ) -> Result<$crate::sync::ChangePage, $crate::storage::StoreError> {
+                use sqlx::{FromRow, Row};
+                use $crate::sync::{Change, Numbered};
+                let mut conn = self.read().await?;
+                let rows = conn
+                    .run(|conn| {
+                        sqlx::query(&SQL.changes)
+                            .bind(user_id)
+                            .bind(since)
+                            .bind(limit.saturating_add(1))
+                            .bind(deletions)
+                            .fetch_all(conn)
+                    })
+                    .await?;
+                let mut page = $crate::sync::ChangePage {
+                    changes: Vec::with_capacity(rows.len()),
+                    marker: 0,
+                    has_more: false,
+                };
+                for row in &rows {
+                    page.marker = row.try_get("marker")?;
+                    let Some(seq) = row.try_get::<Option<i64>, _>("change_seq")? else {
+                        continue;
+                    };
+                    let change = match row.try_get::<Option<Instant>, _>("deleted_at")? {
+                        Some(deleted_at) => Change::Delete {
+                            task_id: row.try_get("id")?,
+                            deleted_at: $crate::storage::sql::StoredInstant::utc(deleted_at),
+                        },
+                        None => Change::Upsert {
+                            task: TaskRow::from_row(row)?.into(),
+                        },
+                    };
+                    page.changes.push(Numbered { seq, change });
+                }
+                page.has_more = page.changes.len() as i64 > limit;
+                page.changes.truncate(limit.max(0) as usize);
                 Ok(page)
             }
 
@@ -238,6 +395,12 @@ macro_rules! impl_task_store {
                             .bind(task.title.as_str())
                             .bind(task.description.as_ref().map(|d| d.as_str()))
                             .bind(to_instant(now))
+                            .bind($crate::lists::fold(task.title.as_str()))
+                            .bind(
+                                task.description
+                                    .as_ref()
+                                    .map(|d| $crate::lists::fold(d.as_str())),
+                            )
                             .fetch_all(conn)
                     })
                     .await?;
@@ -340,6 +503,17 @@ macro_rules! impl_task_store {
                             .bind(patch.complete)
                             .bind(to_instant(now))
                             .bind(version_arg(guard))
+                            .bind(
+                                patch
+                                    .title
+                                    .as_ref()
+                                    .map(|t| $crate::lists::fold(t.as_str())),
+                            )
+                            .bind(
+                                patch.description.as_ref().and_then(|d| {
+                                    d.as_ref().map(|d| $crate::lists::fold(d.as_str()))
+                                }),
+                            )
                             .fetch_all(conn)
                     })
                     .await?;
@@ -386,6 +560,67 @@ macro_rules! impl_task_store {
                     })
                     .await?;
                 Ok(done.rows_affected())
+            }
+
+            async fn purge_tombstones(
+                &self,
+                cutoff: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> Result<u64, $crate::storage::StoreError> {
+                let mut conn = self.write().await?;
+                let done = conn
+                    .run(|conn| {
+                        sqlx::query(SQL.purge_tombstones)
+                            .bind(to_instant(cutoff))
+                            .bind(limit)
+                            .execute(conn)
+                    })
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn refold(&self, limit: i64) -> Result<u64, $crate::storage::StoreError> {
+                let stale: Vec<(i64, String, String, Option<String>, i64)> = {
+                    let mut conn = self.read().await?;
+                    conn.run(|conn| sqlx::query_as(SQL.unfolded).bind(limit).fetch_all(conn))
+                        .await?
+                };
+                let mut done = 0;
+                for (id, user_id, title, description, version) in stale {
+                    let mut conn = self.write().await?;
+                    let updated = conn
+                        .run(|conn| {
+                            sqlx::query(SQL.refold)
+                                .bind(user_id.as_str())
+                                .bind(id)
+                                .bind(version)
+                                .bind($crate::lists::fold(&title))
+                                .bind(description.as_deref().map($crate::lists::fold))
+                                .execute(conn)
+                        })
+                        .await?;
+                    done += updated.rows_affected();
+                }
+                Ok(done)
+            }
+
+            async fn shared_secret(
+                &self,
+                name: &str,
+                candidate: &[u8],
+            ) -> Result<Vec<u8>, $crate::storage::StoreError> {
+                let mut conn = self.write().await?;
+                conn.run(|conn| {
+                    sqlx::query(SQL.store_secret)
+                        .bind(name)
+                        .bind(candidate)
+                        .execute(conn)
+                })
+                .await?;
+                let secret: Vec<u8> = conn
+                    .run(|conn| sqlx::query_scalar(SQL.secret).bind(name).fetch_one(conn))
+                    .await?;
+                Ok(secret)
             }
 
             async fn ping(&self) -> Result<(), $crate::storage::StoreError> {

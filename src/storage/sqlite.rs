@@ -26,6 +26,16 @@ impl Dialect for Sqlite {
     fn version_is_one_of(param: &str) -> String {
         format!("({param} IS NULL OR version IN (SELECT value FROM json_each({param})))")
     }
+
+    /// SQLite's default (binary) collation compares UTF-8 bytes, which order as their
+    /// code points do.
+    fn code_point_order(column: &str) -> String {
+        column.to_owned()
+    }
+
+    fn contains(haystack: &str, needle: &str) -> String {
+        format!("instr({haystack}, {needle}) > 0")
+    }
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Sqlite>);
@@ -56,8 +66,9 @@ fn version_arg(guard: &VersionGuard) -> Option<String> {
 
 /// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
 /// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
-type TaskRow = super::sql::TaskRow<i64>;
-type StoredKeyRow = super::sql::StoredKeyRow<i64>;
+type Instant = i64;
+type TaskRow = super::sql::TaskRow<Instant>;
+type StoredKeyRow = super::sql::StoredKeyRow<Instant>;
 
 #[derive(Clone)]
 pub struct SqliteTaskStore {
@@ -164,6 +175,8 @@ impl SqliteTaskStore {
                     .bind(title)
                     .bind(description)
                     .bind(now.timestamp_micros())
+                    .bind(crate::lists::fold(title))
+                    .bind(description.map(crate::lists::fold))
                     .fetch_all(&mut *tx)
                     .await?;
                 let row = rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;

@@ -24,6 +24,12 @@ async fn document(app: &TestApp) -> Value {
     reply.json
 }
 
+fn schemas_have(doc: &Value, names: &[&str]) -> bool {
+    names
+        .iter()
+        .all(|n| doc["components"]["schemas"].get(*n).is_some())
+}
+
 /// Every `$ref` in the document, so that each can be checked to resolve.
 fn refs(value: &Value, found: &mut BTreeSet<String>) {
     match value {
@@ -62,6 +68,7 @@ async fn the_document_matches_the_router(app: TestApp) {
         ("PUT", "/api/{user_id}/tasks/{task_id}"),
         ("PATCH", "/api/{user_id}/tasks/{task_id}"),
         ("DELETE", "/api/{user_id}/tasks/{task_id}"),
+        ("GET", "/api/{user_id}/changes"),
         ("GET", "/health"),
     ]
     .into_iter()
@@ -132,7 +139,24 @@ async fn the_document_matches_the_router(app: TestApp) {
         responses("delete", "/api/{user_id}/tasks/{task_id}"),
         with(&["204", "400", "404", "412", "428"])
     );
+    assert_eq!(
+        responses("get", "/api/{user_id}/changes"),
+        with(&["200", "410"])
+    );
     assert_eq!(responses("get", "/health"), set(&["200", "503"]));
+    // The list's v1.1 parameters and its Link header.
+    let list = &paths["/api/{user_id}/tasks"]["get"];
+    let names: BTreeSet<&str> = list["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in ["sort", "q", "cursor", "limit", "offset", "complete"] {
+        assert!(names.contains(name), "list parameter {name}");
+    }
+    assert!(list["responses"]["200"]["headers"]["Link"].is_object());
+    assert!(schemas_have(&doc, &["Feed", "Change"]));
 
     // Security: bearer JWT on every task operation, none on /health.
     assert_eq!(

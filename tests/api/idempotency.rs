@@ -233,9 +233,12 @@ async fn the_purge_deletes_forgotten_keys_oldest_first_in_bounded_batches(app: T
     let now = task_api::storage::now();
     // Nothing is older than a day.
     assert_eq!(
-        task_api::storage::purge_idempotency_keys_once(store.as_ref(), Duration::from_secs(86_400))
-            .await
-            .unwrap(),
+        task_api::storage::upkeep::purge_idempotency_keys_once(
+            store.as_ref(),
+            Duration::from_secs(86_400)
+        )
+        .await
+        .unwrap(),
         0
     );
     // A batch takes at most its limit.
@@ -248,9 +251,12 @@ async fn the_purge_deletes_forgotten_keys_oldest_first_in_bounded_batches(app: T
     assert_eq!(k0.header("idempotent-replayed"), None);
 
     // The background purge empties the table of keys older than its TTL.
-    let purge = tokio::spawn(task_api::storage::purge_idempotency_keys_forever(
+    let purge = tokio::spawn(task_api::storage::upkeep::run_forever(
         store.clone(),
-        Duration::from_millis(200),
+        task_api::storage::upkeep::Upkeep {
+            idempotency_ttl: Duration::from_millis(200),
+            sync_retention: Duration::from_secs(86_400),
+        },
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while stored_keys(&app).await > 0 {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use task_api::config::CorsOrigins;
+use task_api::lists::Listing;
 use task_api::storage::{PgTaskStore, PoolSettings, StoreError, TaskStore};
-use task_api::tasks::ListFilter;
 
 use crate::support::{PgSchema, TestApp, pool_settings, postgres_url, utc};
 
@@ -281,7 +281,7 @@ async fn a_finished_call_leaves_its_connection_for_the_next() {
     let schema = PgSchema::create(&url).await;
     let store = store_on(&schema, 1, |s| s).await;
     let first = backend_pid(&store).await;
-    store.list("alice", &ListFilter::default()).await.unwrap();
+    store.list("alice", &Listing::default()).await.unwrap();
     assert_eq!(backend_pid(&store).await, first);
     assert_eq!(store.pool_status().size, 1);
 }
@@ -305,7 +305,7 @@ async fn a_call_cut_short_never_hands_its_connection_out_again() {
     // The next call gets a new connection, and a clean reply.
     let second = backend_pid(&store).await;
     assert_ne!(second, first);
-    let page = store.list("alice", &ListFilter::default()).await.unwrap();
+    let page = store.list("alice", &Listing::default()).await.unwrap();
     assert!(page.tasks.is_empty());
     assert_eq!(store.pool_status().size, 1);
 }
@@ -321,7 +321,7 @@ async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
     .await;
     terminate(&url, backend_pid(&store).await).await;
     // The ping at checkout finds it dead; the call runs on a fresh connection.
-    store.list("alice", &ListFilter::default()).await.unwrap();
+    store.list("alice", &Listing::default()).await.unwrap();
 
     // Without the idle check (busy connections are not pinged), the first call on a
     // connection closed behind the pool's back fails, and the pool replaces it.
@@ -331,9 +331,9 @@ async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
     })
     .await;
     terminate(&url, backend_pid(&store).await).await;
-    let failed = store.list("alice", &ListFilter::default()).await;
+    let failed = store.list("alice", &Listing::default()).await;
     assert!(matches!(failed, Err(StoreError::Database(_))), "{failed:?}");
-    store.list("alice", &ListFilter::default()).await.unwrap();
+    store.list("alice", &Listing::default()).await.unwrap();
 }
 
 #[tokio::test]

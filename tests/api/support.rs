@@ -161,7 +161,7 @@ impl TestApp {
         let store = SqliteTaskStore::connect(&url, &pool_settings())
             .await
             .unwrap();
-        let (router, metrics) = build(Arc::new(store.clone()), verifier, options);
+        let (router, metrics) = build(Arc::new(store.clone()), verifier, options).await;
         Self {
             router,
             metrics,
@@ -196,7 +196,7 @@ impl TestApp {
         let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
             .await
             .unwrap();
-        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options);
+        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options).await;
         Some(Self {
             router,
             metrics,
@@ -215,7 +215,8 @@ impl TestApp {
             Arc::new(store.clone()),
             Verifier::new(&auth),
             &HttpOptions::default(),
-        );
+        )
+        .await;
         Self {
             router,
             metrics,
@@ -243,7 +244,7 @@ impl TestApp {
             .await
             .unwrap();
         let auth = self.auth.clone();
-        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options);
+        let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options).await;
         Self {
             router,
             metrics,
@@ -451,12 +452,13 @@ impl TestApp {
     }
 }
 
-fn build(
+async fn build(
     store: Arc<dyn TaskStore>,
     verifier: Verifier,
     options: &HttpOptions,
 ) -> (Router, Arc<Metrics>) {
-    let state = AppState::new(store, verifier);
+    let cursors = task_api::storage::cursor_key(store.as_ref()).await.unwrap();
+    let state = AppState::new(store, verifier, cursors);
     let metrics = state.metrics.clone();
     (app(state, options), metrics)
 }
