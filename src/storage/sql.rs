@@ -129,25 +129,28 @@ impl Statements {
             .iter()
             .flat_map(|&sort| [list::<D>(sort, false), list::<D>(sort, true)])
             .collect();
-        // The counter's subquery guards both scans: for an up-to-date cursor it is the
-        // only index probe (PostgreSQL evaluates it once, as a one-time filter).
-        let up_to = "(SELECT counter FROM user_changes WHERE user_id = $1) > $2";
         Self {
             lists,
             change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
+            // The counter is read once, and guards both scans: for an up-to-date cursor
+            // it is the only index probe (PostgreSQL skips the scans by a one-time
+            // filter).
             changes: format!(
-                "SELECT marker.counter AS marker, c.*
-                 FROM (SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
-                       AS counter) AS marker
-                 LEFT JOIN (
+                "WITH marker AS MATERIALIZED (
+                     SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
+                     AS counter)
+                 SELECT marker.counter AS marker, c.*
+                 FROM marker LEFT JOIN (
                      SELECT * FROM (
                          SELECT change_seq, {TASK}, NULL AS deleted_at FROM tasks
-                         WHERE user_id = $1 AND change_seq > $2 AND {up_to}
+                         WHERE user_id = $1 AND change_seq > $2
+                           AND (SELECT counter FROM marker) > $2
                          UNION ALL
                          SELECT change_seq, task_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                                 deleted_at
                          FROM task_tombstones
-                         WHERE user_id = $1 AND change_seq > $2 AND $4 AND {up_to}
+                         WHERE user_id = $1 AND change_seq > $2 AND $4
+                           AND (SELECT counter FROM marker) > $2
                      ) AS u ORDER BY change_seq LIMIT $3
                  ) AS c ON true
                  ORDER BY c.change_seq"

@@ -3,6 +3,7 @@
 mod support;
 
 mod auth;
+mod changes;
 mod better_auth;
 mod conditional;
 mod docs;
@@ -10,6 +11,7 @@ mod hardening;
 mod hostile;
 mod idempotency;
 mod jwks;
+mod lists;
 mod metrics;
 mod operations;
 mod postgres;

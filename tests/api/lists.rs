@@ -1,0 +1,1 @@
+//! Lists: sort, search, keyset pages.
