@@ -3,9 +3,14 @@
 -- Scenarios: list, get, create, patch, mixed (40% list, 40% get, 10% patch, 10% create),
 -- health, and the conditional ones: get304 (GET one with If-None-Match naming its current
 -- version: 304), patch-if-match (PATCH with If-Match naming its current version: 200),
--- create-key (create with a fresh Idempotency-Key each time).
+-- create-key (create with a fresh Idempotency-Key each time); and the sync ones:
+-- changes-poll (the feed with an up-to-date cursor), changes-20 (with a cursor 20
+-- changes behind), list-sorted (?sort=-updated_at&limit=20), list-search
+-- (?q=task%201&limit=20), page1, page50-keyset and page50-offset (pages 1 and 50 of a
+-- user with 10,000 tasks, limit=20; page 50 by cursor or by offset=980).
 -- Reads "user token first_task_id" lines from the file named by BENCH_USERS, and
--- "task_path version" lines from BENCH_VERSIONS for get304 and patch-if-match.
+-- "task_path version" lines from BENCH_VERSIONS for get304 and patch-if-match; the feed
+-- users from BENCH_FEED and the 10,000-task user from BENCH_BIG (bench/sync_setup.py).
 -- Every request is formatted once, in init, or (when it must differ each time) spliced
 -- from two preformatted halves: building strings per request would make the load
 -- generator, which shares the machine, take CPU the server and database need.
@@ -15,6 +20,8 @@ local counter = 0
 local TASKS_PER_USER = 20
 local lists, gets, creates, patches = {}, {}, {}, {}
 local not_modified, guarded, keyed = {}, {}, {}
+local sorted, searched, polls, behind = {}, {}, {}, {}
+local big = {}
 local key_prefix
 local health
 
@@ -53,6 +60,8 @@ function init(args)
     local auth = { ["Authorization"] = "Bearer " .. u.token }
     local json = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json" }
     lists[#lists + 1] = wrk.format("GET", path .. "?limit=20", auth)
+    sorted[#sorted + 1] = wrk.format("GET", path .. "?sort=-updated_at&limit=20", auth)
+    searched[#searched + 1] = wrk.format("GET", path .. "?q=task%201&limit=20", auth)
     local body = '{"title": "benchmark task", "description": "made by wrk"}'
     creates[#creates + 1] = wrk.format("POST", path, json, body)
     local with_key = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json",
@@ -85,6 +94,25 @@ function init(args)
         end
       end
       n = n + 1
+    end
+  end
+  if os.getenv("BENCH_FEED") then
+    for line in io.lines(os.getenv("BENCH_FEED")) do
+      local user, token, old, current = line:match("(%S+) (%S+) (%S+) (%S+)")
+      local auth = { ["Authorization"] = "Bearer " .. token }
+      local feed = "/api/" .. user .. "/changes?cursor="
+      polls[#polls + 1] = wrk.format("GET", feed .. current, auth)
+      behind[#behind + 1] = wrk.format("GET", feed .. old, auth)
+    end
+  end
+  if os.getenv("BENCH_BIG") then
+    for line in io.lines(os.getenv("BENCH_BIG")) do
+      local user, token, cursor = line:match("(%S+) (%S+) (%S+)")
+      local auth = { ["Authorization"] = "Bearer " .. token }
+      local path = "/api/" .. user .. "/tasks?limit=20"
+      big.page1 = wrk.format("GET", path, auth)
+      big.keyset = wrk.format("GET", path .. "&cursor=" .. cursor, auth)
+      big.offset = wrk.format("GET", path .. "&offset=980", auth)
     end
   end
   health = wrk.format("GET", "/health")
@@ -122,6 +150,13 @@ function request()
     local request = task.pre .. task.version .. task.post
     task.version = task.version + 1
     return request
+  elseif scenario == "changes-poll" then return pick(polls)
+  elseif scenario == "changes-20" then return pick(behind)
+  elseif scenario == "list-sorted" then return pick(sorted)
+  elseif scenario == "list-search" then return pick(searched)
+  elseif scenario == "page1" then return big.page1
+  elseif scenario == "page50-keyset" then return big.keyset
+  elseif scenario == "page50-offset" then return big.offset
   elseif scenario == "create-key" then
     local halves = pick(keyed)
     return halves.pre .. key_prefix .. counter .. halves.post

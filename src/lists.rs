@@ -375,3 +375,138 @@ fn search(raw: String) -> Result<Search, FieldError> {
         raw,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: i64, title: &str, micros: i64) -> Task {
+        let at = DateTime::from_timestamp_micros(micros).unwrap();
+        Task {
+            id,
+            user_id: "u".into(),
+            title: title.into(),
+            description: None,
+            complete: false,
+            created_at: at,
+            updated_at: at,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn folding_is_unicode_full_case_folding_without_normalization() {
+        assert_eq!(fold("STRASSE"), fold("straße"));
+        assert_eq!(fold("Straße"), "strasse");
+        assert_eq!(fold("ΣΊΣΥΦΟΣ"), fold("σίσυφος"));
+        assert_eq!(fold("ẞ"), "ss");
+        assert_ne!(fold("cafe"), fold("café"));
+        assert_ne!(fold("\u{e9}"), fold("e\u{301}"));
+        assert_eq!(fold("İ"), "i\u{307}");
+        assert_eq!(fold("😀 OK"), "😀 ok");
+    }
+
+    #[test]
+    fn every_sort_parses_from_its_name_and_has_its_own_index() {
+        let mut seen = std::collections::BTreeSet::new();
+        for sort in Sort::ALL {
+            assert_eq!(Sort::parse(sort.as_str()), Some(sort));
+            assert_eq!(Sort::ALL[sort.index()], sort);
+            assert!(seen.insert(sort.index()));
+        }
+        for bad in ["", "-", "+id", "ID", "--id", "title ", "priority"] {
+            assert_eq!(Sort::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Sort::default().as_str(), "id");
+    }
+
+    #[test]
+    fn positions_round_trip_through_their_encoding() {
+        let t = task(42, "héllo", 1_767_225_600_123_456);
+        for key in [
+            SortKey::Id,
+            SortKey::CreatedAt,
+            SortKey::UpdatedAt,
+            SortKey::Title,
+        ] {
+            let after = After::of(&t, key);
+            assert_eq!(After::decode(&after.encode(), key), Some(after.clone()));
+        }
+        // A position for one key does not decode as another's.
+        let by_id = After::of(&t, SortKey::Id).encode();
+        assert_eq!(After::decode(&by_id, SortKey::CreatedAt), None);
+        let by_time = After::of(&t, SortKey::CreatedAt).encode();
+        assert_eq!(After::decode(&by_time, SortKey::Id), None);
+        assert_eq!(After::decode(&[9], SortKey::Id), None);
+        assert_eq!(After::decode(&[], SortKey::Title), None);
+    }
+
+    #[test]
+    fn a_cursor_opens_only_for_the_same_user_filter_sort_and_q() {
+        let key = CursorKey::new(b"k");
+        let params = ListParams::parse(Some("limit=2&sort=-title&q=Milk&complete=false")).unwrap();
+        let listing = params.clone().open(&key, "alice").unwrap();
+        let cursor = listing.cursor_after(&key, "alice", &task(7, "b", 0));
+        let next = |query: &str, user: &str| {
+            ListParams::parse(Some(&format!("{query}&cursor={cursor}")))
+                .unwrap()
+                .open(&key, user)
+        };
+        let opened = next("sort=-title&q=Milk&complete=false", "alice").unwrap();
+        assert_eq!(opened.after, Some(After::Title("b".into(), 7)));
+        assert_eq!(opened.limit, None);
+        for (query, user) in [
+            ("sort=-title&q=Milk&complete=false", "bob"),
+            ("sort=title&q=Milk&complete=false", "alice"),
+            ("sort=-title&q=milk&complete=false", "alice"),
+            ("sort=-title&complete=false", "alice"),
+            ("sort=-title&q=Milk&complete=true", "alice"),
+            ("sort=-title&q=Milk", "alice"),
+        ] {
+            assert_eq!(
+                next(query, user),
+                Err(malformed_cursor()),
+                "{query} as {user}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_list_query_reports_each_bad_parameter() {
+        assert_eq!(ListParams::parse(None), Ok(ListParams::default()));
+        let errors = ListParams::parse(Some("complete=1&limit=0&offset=-1&sort=name&q=&cursor=x"))
+            .unwrap_err();
+        let got: Vec<_> = errors.iter().map(|e| (e.loc[1], e.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                ("complete", "bool_parsing"),
+                ("limit", "greater_than_equal"),
+                ("offset", "greater_than_equal"),
+                ("sort", "enum"),
+                ("q", "string_too_short"),
+                ("cursor", "value_error"),
+            ]
+        );
+        assert_eq!(
+            ListParams::parse(Some("limit=1001")).unwrap_err()[0].kind,
+            "less_than_equal"
+        );
+        assert_eq!(
+            ListParams::parse(Some("limit=1000")).unwrap().limit,
+            Some(1000)
+        );
+        let long = "é".repeat(201);
+        assert_eq!(
+            ListParams::parse(Some(&format!("q={long}"))).unwrap_err()[0].kind,
+            "string_too_long"
+        );
+        assert!(ListParams::parse(Some(&format!("q={}", "é".repeat(200)))).is_ok());
+        assert_eq!(
+            ListParams::parse(Some("q=a%00b")).unwrap_err()[0].kind,
+            "value_error"
+        );
+        let q = ListParams::parse(Some("q=STRASSE")).unwrap().q.unwrap();
+        assert_eq!((q.raw.as_str(), q.folded.as_str()), ("STRASSE", "strasse"));
+    }
+}

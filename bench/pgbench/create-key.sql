@@ -13,6 +13,8 @@ WITH claim AS (
         WHERE k.created_at <= now() - interval '24 hours'
     RETURNING task_id
 )
-INSERT INTO tasks (id, user_id, title, description, complete, created_at, updated_at)
-SELECT task_id, 'bench-user-' || :u, 'benchmark task', 'made by pgbench', false, now(), now() FROM claim
+INSERT INTO tasks (id, user_id, title, description, complete, created_at, updated_at,
+                   title_folded, description_folded, folded_version)
+SELECT task_id, 'bench-user-' || :u, 'benchmark task', 'made by pgbench', false, now(), now(),
+       'benchmark task', 'made by pgbench', 1 FROM claim
 RETURNING id, user_id, title, description, complete, created_at, updated_at, version;

@@ -1,10 +1,13 @@
--- The service's list statement for a random seeded user (20 tasks each): the user's
--- change counter (the list's ETag) and the page, in one snapshot.
+-- The service's list statement for a random seeded user (limit=20: 21 rows are read, the
+-- last only to tell whether a next page follows): the user's change counter (the list's
+-- ETag) and the page, in one snapshot.
 \set u random(0, 99)
 SELECT marker.counter AS marker, t.*
 FROM (SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = 'bench-user-' || :u), 0)
       AS counter) AS marker
 LEFT JOIN (SELECT id, user_id, title, description, complete, created_at, updated_at, version FROM tasks
            WHERE user_id = 'bench-user-' || :u AND (NULL::boolean IS NULL OR complete = NULL::boolean)
-           ORDER BY id LIMIT 20 OFFSET 0) AS t ON true
-ORDER BY t.id;
+             AND (NULL::text IS NULL OR (folded_version = version AND (strpos(title_folded, NULL::text) > 0 OR strpos(description_folded, NULL::text) > 0)))
+
+           ORDER BY id ASC LIMIT 21 OFFSET 0) AS t ON true
+ORDER BY t.id ASC;

@@ -553,16 +553,7 @@ macro_rules! impl_task_store {
                 cutoff: chrono::DateTime<chrono::Utc>,
                 limit: i64,
             ) -> Result<u64, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let done = conn
-                    .run(|conn| {
-                        sqlx::query(SQL.purge_keys)
-                            .bind(to_instant(cutoff))
-                            .bind(limit)
-                            .execute(conn)
-                    })
-                    .await?;
-                Ok(done.rows_affected())
+                purge(self, SQL.purge_keys, cutoff, limit).await
             }
 
             async fn purge_tombstones(
@@ -570,16 +561,7 @@ macro_rules! impl_task_store {
                 cutoff: chrono::DateTime<chrono::Utc>,
                 limit: i64,
             ) -> Result<u64, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let done = conn
-                    .run(|conn| {
-                        sqlx::query(SQL.purge_tombstones)
-                            .bind(to_instant(cutoff))
-                            .bind(limit)
-                            .execute(conn)
-                    })
-                    .await?;
-                Ok(done.rows_affected())
+                purge(self, SQL.purge_tombstones, cutoff, limit).await
             }
 
             async fn refold(&self, limit: i64) -> Result<u64, $crate::storage::StoreError> {
@@ -643,6 +625,25 @@ macro_rules! impl_task_store {
             fn acquire_wait(&self) -> prometheus_client::metrics::histogram::Histogram {
                 self.wait()
             }
+        }
+
+        /// Runs a purge statement (`$1` cutoff, `$2` limit); returns the rows it deleted.
+        async fn purge(
+            store: &$store,
+            statement: &'static str,
+            cutoff: chrono::DateTime<chrono::Utc>,
+            limit: i64,
+        ) -> Result<u64, $crate::storage::StoreError> {
+            let mut conn = store.write().await?;
+            let done = conn
+                .run(|conn| {
+                    sqlx::query(statement)
+                        .bind(to_instant(cutoff))
+                        .bind(limit)
+                        .execute(conn)
+                })
+                .await?;
+            Ok(done.rows_affected())
         }
 
         /// Tells 404 from 403 from 412 after a write matched no row.

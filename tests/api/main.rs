@@ -3,8 +3,8 @@
 mod support;
 
 mod auth;
-mod changes;
 mod better_auth;
+mod changes;
 mod conditional;
 mod docs;
 mod hardening;
