@@ -68,7 +68,8 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn list(&self, user_id: &str, listing: &Listing) -> Result<TaskPage, StoreError>;
     /// Up to `limit` of the user's changes numbered above `since`, in counter order,
     /// with the counter, in one snapshot. `deletions: false` leaves tombstones out (a
-    /// full sync's first page).
+    /// full sync's first page). When the counter is not above `since`, reading it is all
+    /// this does.
     async fn changes(
         &self,
         user_id: &str,

@@ -1,6 +1,7 @@
 -- Changes since a cursor 20 changes behind (a feed user's cursor from before its 20
--- creates).
+-- creates): the counter, then the changes with the counter again, in one snapshot.
 \set u random(0, 99)
+SELECT counter FROM user_changes WHERE user_id = 'bench-feed-' || :u;
 WITH marker AS MATERIALIZED (
     SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = 'bench-feed-' || :u), 0)
     AS counter)

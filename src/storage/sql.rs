@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::StoredCreate;
-use crate::lists::{Sort, SortKey};
+use crate::lists::{Listing, Sort, SortKey};
 use crate::tasks::Task;
 
 /// How a backend stores an instant: PostgreSQL as `timestamptz`, SQLite as integer
@@ -101,7 +101,7 @@ const TASK: &str = "id, user_id, title, description, complete, created_at, updat
 /// Every statement both stores send, in their dialect. Numbered parameters (`$1`) work on
 /// both.
 pub struct Statements {
-    /// One per sort order and with or without a keyset position ([`Statements::list`]).
+    /// One per [`ListShape`] ([`Statements::list`]).
     lists: Vec<String>,
     pub change_marker: &'static str,
     /// The user's counter and their changes above `$2`, in one snapshot.
@@ -125,16 +125,13 @@ pub struct Statements {
 
 impl Statements {
     pub fn new<D: Dialect>() -> Self {
-        let lists = Sort::ALL
-            .iter()
-            .flat_map(|&sort| [list::<D>(sort, false), list::<D>(sort, true)])
-            .collect();
+        let lists = ListShape::all().map(list::<D>).collect();
         Self {
             lists,
             change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
-            // The counter is read once, and guards both scans: for an up-to-date cursor
-            // it is the only index probe (PostgreSQL skips the scans by a one-time
-            // filter).
+            // The counter is read once, in the same snapshot as the changes, and guards
+            // both scans (PostgreSQL skips them by a one-time filter when it is not
+            // above the cursor).
             changes: format!(
                 "WITH marker AS MATERIALIZED (
                      SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
@@ -213,17 +210,64 @@ impl Statements {
         }
     }
 
-    /// The list statement for `sort`, continuing after a keyset position or not.
-    pub fn list(&self, sort: Sort, after: bool) -> &str {
-        &self.lists[sort.index() * 2 + usize::from(after)]
+    /// The list statement for a shape.
+    pub fn list(&self, shape: ListShape) -> &str {
+        &self.lists[shape.index()]
+    }
+}
+
+/// What a list statement filters and continues by: one statement per combination.
+#[derive(Debug, Clone, Copy)]
+pub struct ListShape {
+    pub sort: Sort,
+    pub after: bool,
+    pub complete: bool,
+    pub q: bool,
+}
+
+impl ListShape {
+    pub fn of(listing: &Listing) -> Self {
+        Self {
+            sort: listing.sort,
+            after: listing.after.is_some(),
+            complete: listing.complete.is_some(),
+            q: listing.q.is_some(),
+        }
+    }
+
+    fn index(self) -> usize {
+        ((self.sort.index() * 2 + usize::from(self.after)) * 2 + usize::from(self.complete)) * 2
+            + usize::from(self.q)
+    }
+
+    fn all() -> impl Iterator<Item = Self> {
+        Sort::ALL.into_iter().flat_map(|sort| {
+            [false, true].into_iter().flat_map(move |after| {
+                [false, true].into_iter().flat_map(move |complete| {
+                    [false, true].into_iter().map(move |q| Self {
+                        sort,
+                        after,
+                        complete,
+                        q,
+                    })
+                })
+            })
+        })
     }
 }
 
 /// A page of the user's tasks and their change counter, in one snapshot (the counter row
 /// always comes back, with NULL task columns when the page is empty). Parameters: `$1`
-/// user, `$2` complete, `$3` limit, `$4` offset, `$5` folded `q`; after a position, `$6`
-/// its id and `$7` its sort key (unless sorting by id).
-fn list<D: Dialect>(sort: Sort, after: bool) -> String {
+/// user, `$2` limit, `$3` offset, then, numbered on in this order, only those the shape
+/// has: `complete`, the folded `q`, the position's id and its sort key (unless sorting
+/// by id).
+///
+/// Each shape is its own statement, with no "`$n IS NULL OR …`" filters: PostgreSQL plans
+/// a prepared statement once for every value (the pool forces generic plans), and such a
+/// filter makes it expect almost no rows, so it would sort all of a large user's tasks
+/// instead of reading the first few in index order.
+fn list<D: Dialect>(shape: ListShape) -> String {
+    let sort = shape.sort;
     let column = match sort.key {
         SortKey::Id => None,
         SortKey::CreatedAt => Some("created_at".to_owned()),
@@ -239,23 +283,38 @@ fn list<D: Dialect>(sort: Sort, after: bool) -> String {
         None => format!("{table}id {direction}"),
         Some(column) => format!("{table}{column} {direction}, {table}id {direction}"),
     };
-    let keyset = match (after, &column) {
-        (false, _) => String::new(),
-        (true, None) => format!("AND id {beyond} $6"),
-        (true, Some(column)) => format!("AND ({column}, id) {beyond} ($7, $6)"),
+    let mut next = 3;
+    let mut param = || {
+        next += 1;
+        format!("${next}")
     };
+    let mut filters = String::new();
+    if shape.complete {
+        filters += &format!(" AND complete = {}", param());
+    }
+    if shape.q {
+        let q = param();
+        filters += &format!(
+            " AND folded_version = version AND ({} OR {})",
+            D::contains("title_folded", &q),
+            D::contains("description_folded", &q)
+        );
+    }
+    if shape.after {
+        let id = param();
+        filters += &match &column {
+            None => format!(" AND id {beyond} {id}"),
+            Some(column) => format!(" AND ({column}, id) {beyond} ({}, {id})", param()),
+        };
+    }
     format!(
         "SELECT marker.counter AS marker, t.*
          FROM (SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
                AS counter) AS marker
          LEFT JOIN (SELECT {TASK} FROM tasks
-                    WHERE user_id = $1 AND ($2 IS NULL OR complete = $2)
-                      AND ($5 IS NULL OR (folded_version = version AND ({} OR {})))
-                      {keyset}
-                    ORDER BY {} LIMIT $3 OFFSET $4) AS t ON true
+                    WHERE user_id = $1{filters}
+                    ORDER BY {} LIMIT $2 OFFSET $3) AS t ON true
          ORDER BY {}",
-        D::contains("title_folded", "$5"),
-        D::contains("description_folded", "$5"),
         order(""),
         order("t."),
     )
@@ -290,12 +349,17 @@ macro_rules! impl_task_store {
                     .map_or(i64::MAX, |limit| limit.saturating_add(1));
                 let rows = conn
                     .run(|conn| {
-                        let query = sqlx::query(SQL.list(listing.sort, listing.after.is_some()))
+                        let shape = $crate::storage::sql::ListShape::of(listing);
+                        let mut query = sqlx::query(SQL.list(shape))
                             .bind(user_id)
-                            .bind(listing.complete)
                             .bind(limit)
-                            .bind(listing.offset)
-                            .bind(listing.q.as_ref().map(|q| q.folded.as_str()));
+                            .bind(listing.offset);
+                        if let Some(complete) = listing.complete {
+                            query = query.bind(complete);
+                        }
+                        if let Some(q) = &listing.q {
+                            query = query.bind(q.folded.as_str());
+                        }
                         let query = match &listing.after {
                             None => query,
                             Some(After::Id(id)) => query.bind(*id),
@@ -333,6 +397,24 @@ macro_rules! impl_task_store {
                 use sqlx::{FromRow, Row};
                 use $crate::sync::{Change, Numbered};
                 let mut conn = self.read().await?;
+                // An up-to-date poll, the commonest call, reads the counter and nothing
+                // else. (Otherwise the statement below reads it again, in the snapshot
+                // of the changes.)
+                let marker: Option<i64> = conn
+                    .run(|conn| {
+                        sqlx::query_scalar(SQL.change_marker)
+                            .bind(user_id)
+                            .fetch_optional(conn)
+                    })
+                    .await?;
+                let marker = marker.unwrap_or(0);
+                if marker <= since {
+                    return Ok($crate::sync::ChangePage {
+                        changes: Vec::new(),
+                        marker,
+                        has_more: false,
+                    });
+                }
                 let rows = conn
                     .run(|conn| {
                         sqlx::query(&SQL.changes)
