@@ -95,7 +95,8 @@ pub enum ApiError {
     /// 409: other requests with the same `Idempotency-Key` are in flight.
     #[error("idempotency key in use")]
     IdempotencyKeyInUse,
-    /// 410: a sync cursor older than `SYNC_RETENTION` (or from before a restore).
+    /// 410: a sync cursor older than `SYNC_RETENTION`, from before purged deletions, or
+    /// from before a restore.
     #[error("cursor expired")]
     CursorExpired,
 }

@@ -8,13 +8,19 @@
 //! read in one snapshot together with the counter: a change committed after that snapshot
 //! gets a number above the counter it read, so it is in a later page, never skipped.
 //!
-//! A feed cursor is a counter value and a time, signed for its user (`cursors`). The time
-//! is when the sync it continues began: a page with `has_more` passes on the time of the
-//! cursor it was asked with (a full sync: its own), and only the last page of a sync,
-//! which leaves the client up to date, issues a fresh time. A client holding a cursor of
-//! time T holds only tasks it saw at or after T, so their deletions are stamped after T;
-//! tombstones are kept [`TOMBSTONE_MARGIN`] longer than `SYNC_RETENTION`, so every
-//! deletion a valid cursor may need is still there.
+//! A feed cursor is signed for its user (`cursors`) and holds the counter value the
+//! client is up to, the time it was issued (it expires `SYNC_RETENTION` later), and a
+//! *floor*: deletions numbered at or below it cannot concern the client. A client that
+//! finished a sync at counter N holds the server's tasks as of N, so only deletions above
+//! N concern it (floor N). A full sync in pages holds only tasks it saw in a snapshot at
+//! or after its first page, whose counter was M, so deletions at or below M cannot
+//! concern it (floor M), even while its pages are still below M.
+//!
+//! Tombstones are purged after `SYNC_RETENTION` (plus [`TOMBSTONE_MARGIN`]), and the
+//! purge records, per user, the highest number it purged (`purged_through`, kept by a
+//! trigger in the same statement). A cursor whose position and floor are both below that
+//! may need a deletion that is gone: it gets 410 and a full sync. So no deletion is ever
+//! silently missed, whatever the instances' clocks or settings.
 
 use std::time::Duration;
 
@@ -66,16 +72,21 @@ pub struct ChangePage {
     pub changes: Vec<Numbered>,
     /// The user's counter in the same snapshot.
     pub marker: i64,
+    /// The highest change number whose tombstone was purged (0: none), same snapshot.
+    pub purged_through: i64,
     /// More changes follow the last one here.
     pub has_more: bool,
 }
 
-/// A position in the feed: the counter value the client is up to, and when the sync it
-/// belongs to began.
+/// A position in the feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
+    /// The counter value the client is up to.
     pub counter: i64,
-    pub since: DateTime<Utc>,
+    /// Deletions numbered at or below this cannot concern the client.
+    pub floor: i64,
+    /// When the cursor was issued.
+    pub issued: DateTime<Utc>,
 }
 
 /// The version of the feed cursor's payload layout.
@@ -83,10 +94,11 @@ const CURSOR_FORMAT: u8 = 1;
 
 impl Position {
     pub fn seal(&self, key: &CursorKey, user: &str) -> String {
-        let mut payload = Vec::with_capacity(17);
+        let mut payload = Vec::with_capacity(25);
         payload.push(CURSOR_FORMAT);
         payload.extend_from_slice(&self.counter.to_be_bytes());
-        payload.extend_from_slice(&self.since.timestamp_micros().to_be_bytes());
+        payload.extend_from_slice(&self.floor.to_be_bytes());
+        payload.extend_from_slice(&self.issued.timestamp_micros().to_be_bytes());
         key.seal(Kind::Feed, user, &[], &payload)
     }
 
@@ -107,11 +119,16 @@ impl Position {
                 return None;
             }
             let counter = r.i64()?;
-            let since = DateTime::from_timestamp_micros(r.i64()?)?;
-            (counter >= 0 && r.0.is_empty()).then_some(Self { counter, since })
+            let floor = r.i64()?;
+            let issued = DateTime::from_timestamp_micros(r.i64()?)?;
+            (counter >= 0 && floor >= 0 && r.0.is_empty()).then_some(Self {
+                counter,
+                floor,
+                issued,
+            })
         })()
         .ok_or(Refused::Malformed)?;
-        if expired(position.since, now, retention) {
+        if expired(position.issued, now, retention) {
             return Err(Refused::Expired);
         }
         Ok(position)
@@ -127,8 +144,8 @@ fn expired(since: DateTime<Utc>, now: DateTime<Utc>, retention: Duration) -> boo
 pub enum Refused {
     /// 422: not a cursor issued to this user.
     Malformed,
-    /// 410: issued more than `SYNC_RETENTION` ago, or ahead of the database (restored
-    /// from a backup since).
+    /// 410: issued more than `SYNC_RETENTION` ago, from before deletions it may need were
+    /// purged, or ahead of the database (restored from a backup since).
     Expired,
 }
 
@@ -153,18 +170,24 @@ pub fn answer(
     key: &CursorKey,
     user: &str,
 ) -> Result<Feed, Refused> {
-    // A cursor ahead of the counter was issued before the database was restored.
-    if from.is_some_and(|from| from.counter > page.marker) {
-        return Err(Refused::Expired);
+    if let Some(from) = from {
+        // Ahead of the counter: issued before the database was restored from a backup.
+        // Below what was purged: a deletion that concerns it may be gone.
+        if from.counter > page.marker || page.purged_through > from.counter.max(from.floor) {
+            return Err(Refused::Expired);
+        }
     }
     let next = match page.changes.last() {
         Some(last) if page.has_more => Position {
             counter: last.seq,
-            since: from.map_or(now, |from| from.since),
+            // A full sync's first page: what it shows is as of this snapshot.
+            floor: from.map_or(page.marker, |from| from.floor),
+            issued: now,
         },
         _ => Position {
             counter: page.marker,
-            since: now,
+            floor: page.marker,
+            issued: now,
         },
     };
     Ok(Feed {
@@ -246,12 +269,26 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
+    fn page(seqs: &[i64], marker: i64, purged_through: i64, has_more: bool) -> ChangePage {
+        ChangePage {
+            changes: seqs.iter().map(|&s| upsert(s)).collect(),
+            marker,
+            purged_through,
+            has_more,
+        }
+    }
+
+    fn position(counter: i64, floor: i64, issued: i64) -> Position {
+        Position {
+            counter,
+            floor,
+            issued: at(issued),
+        }
+    }
+
     #[test]
     fn cursors_round_trip_and_expire_after_the_retention() {
-        let p = Position {
-            counter: 42,
-            since: at(1_000_000),
-        };
+        let p = position(42, 40, 1_000_000);
         let c = p.seal(&key(), "alice");
         assert_eq!(
             Position::open(&key(), "alice", &c, at(1_000_000 + 86_400), DAY),
@@ -272,64 +309,50 @@ mod tests {
     }
 
     #[test]
-    fn pages_with_more_keep_the_start_time_and_the_last_page_is_fresh() {
-        let from = Position {
-            counter: 3,
-            since: at(100),
-        };
+    fn every_page_issues_a_fresh_cursor_and_a_full_sync_keeps_its_first_counter_as_floor() {
         let open = |feed: &Feed| Position::open(&key(), "u", &feed.cursor, at(500), DAY).unwrap();
-        let more = ChangePage {
-            changes: vec![upsert(4), upsert(6)],
-            marker: 9,
-            has_more: true,
-        };
-        let feed = answer(more.clone(), Some(from), at(500), &key(), "u").unwrap();
-        assert_eq!(
-            open(&feed),
-            Position {
-                counter: 6,
-                since: at(100)
-            }
+        // A full sync's first page: the floor is the counter of its snapshot.
+        let first = answer(page(&[4, 6], 9, 0, true), None, at(500), &key(), "u").unwrap();
+        assert_eq!(open(&first), position(6, 9, 500));
+        // Its next pages keep that floor.
+        let from = position(6, 9, 400);
+        let next = answer(page(&[7], 12, 0, true), Some(from), at(500), &key(), "u").unwrap();
+        assert_eq!(open(&next), position(7, 9, 500));
+        // The last page of a sync: up to the counter, floor and all.
+        let last = answer(page(&[7], 12, 0, false), Some(from), at(500), &key(), "u").unwrap();
+        assert_eq!(open(&last), position(12, 12, 500));
+        assert!(!last.has_more);
+        let empty = answer(
+            page(&[], 12, 0, false),
+            Some(position(12, 12, 1)),
+            at(500),
+            &key(),
+            "u",
         );
-        let full = answer(more, None, at(500), &key(), "u").unwrap();
-        assert_eq!(
-            open(&full),
-            Position {
-                counter: 6,
-                since: at(500)
-            }
-        );
-        let last = ChangePage {
-            changes: vec![upsert(7)],
-            marker: 9,
-            has_more: false,
-        };
-        let feed = answer(last, Some(from), at(500), &key(), "u").unwrap();
-        assert_eq!(
-            open(&feed),
-            Position {
-                counter: 9,
-                since: at(500)
-            }
-        );
-        assert!(!feed.has_more);
+        assert_eq!(open(&empty.unwrap()), position(12, 12, 500));
     }
 
     #[test]
-    fn a_cursor_ahead_of_the_database_is_expired() {
-        let from = Position {
-            counter: 10,
-            since: at(100),
+    fn a_cursor_below_what_was_purged_or_ahead_of_the_database_is_expired() {
+        let ask = |from: Position, marker: i64, purged: i64| {
+            answer(
+                page(&[], marker, purged, false),
+                Some(from),
+                at(200),
+                &key(),
+                "u",
+            )
+            .err()
         };
-        let page = ChangePage {
-            changes: vec![],
-            marker: 4,
-            has_more: false,
-        };
-        assert_eq!(
-            answer(page, Some(from), at(200), &key(), "u").err(),
-            Some(Refused::Expired)
-        );
+        // Ahead of the counter (a restored database).
+        assert_eq!(ask(position(10, 10, 100), 4, 0), Some(Refused::Expired));
+        // Deletions above the cursor were purged.
+        assert_eq!(ask(position(5, 5, 100), 9, 6), Some(Refused::Expired));
+        assert_eq!(ask(position(5, 5, 100), 9, 5), None);
+        // A full sync in pages below its floor: purged deletions at or below the floor
+        // are of tasks it never saw.
+        assert_eq!(ask(position(2, 8, 100), 9, 8), None);
+        assert_eq!(ask(position(2, 8, 100), 9, 9), Some(Refused::Expired));
     }
 
     #[test]

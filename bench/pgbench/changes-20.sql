@@ -3,20 +3,26 @@
 \set u random(0, 99)
 SELECT counter FROM user_changes WHERE user_id = 'bench-feed-' || :u;
 WITH marker AS MATERIALIZED (
-    SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = 'bench-feed-' || :u), 0)
-    AS counter)
-SELECT marker.counter AS marker, c.*
+    SELECT COALESCE(c.counter, 0) AS counter, COALESCE(c.purged_through, 0) AS purged_through
+    FROM (SELECT 1) AS one LEFT JOIN user_changes AS c ON c.user_id = 'bench-feed-' || :u)
+SELECT marker.counter AS marker, marker.purged_through, c.*
 FROM marker LEFT JOIN (
     SELECT * FROM (
-        SELECT change_seq, id, user_id, title, description, complete, created_at, updated_at, version,
-               NULL AS deleted_at FROM tasks
-        WHERE user_id = 'bench-feed-' || :u AND change_seq > 0
-          AND (SELECT counter FROM marker) > 0
+        SELECT * FROM (
+            SELECT change_seq, id, user_id, title, description, complete, created_at, updated_at,
+                   version, NULL::timestamptz AS deleted_at
+            FROM tasks
+            WHERE user_id = 'bench-feed-' || :u AND change_seq > 0
+              AND (SELECT counter FROM marker) > 0
+            ORDER BY change_seq LIMIT 501) AS live
         UNION ALL
-        SELECT change_seq, task_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, deleted_at
-        FROM task_tombstones
-        WHERE user_id = 'bench-feed-' || :u AND change_seq > 0 AND true
-          AND (SELECT counter FROM marker) > 0
+        SELECT * FROM (
+            SELECT change_seq, task_id, NULL::text, NULL::text, NULL::text, NULL::boolean,
+                   NULL::timestamptz, NULL::timestamptz, NULL::int8, deleted_at
+            FROM task_tombstones
+            WHERE user_id = 'bench-feed-' || :u AND change_seq > 0 AND true
+              AND (SELECT counter FROM marker) > 0
+            ORDER BY change_seq LIMIT 501) AS dead
     ) AS u ORDER BY change_seq LIMIT 501
 ) AS c ON true
 ORDER BY c.change_seq;

@@ -14,6 +14,21 @@ CREATE TABLE task_tombstones (
 );
 CREATE INDEX task_tombstones_deleted_at ON task_tombstones (deleted_at);
 
+-- The highest change number whose tombstone has been purged, per user: a cursor from
+-- before it may have missed a deletion, so it is refused (410) whatever the clocks and
+-- settings of the instances. Kept by the purge's own statement, through this trigger.
+ALTER TABLE user_changes ADD COLUMN purged_through BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION task_tombstones_note_purge() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE user_changes AS c SET purged_through = GREATEST(c.purged_through, gone.last)
+    FROM (SELECT user_id, max(change_seq) AS last FROM purged GROUP BY user_id) AS gone
+    WHERE c.user_id = gone.user_id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER task_tombstones_note_purge AFTER DELETE ON task_tombstones
+REFERENCING OLD TABLE AS purged FOR EACH STATEMENT EXECUTE FUNCTION task_tombstones_note_purge();
+
 -- "Changes since N for user U" and "U's tasks by updated_at": index range scans.
 -- (Sorting by created_at or title sorts the user's tasks: one index per sort order would
 -- tax every write for orders that a todo list of a few hundred tasks sorts quickly.)
@@ -33,12 +48,17 @@ ALTER TABLE tasks
 CREATE INDEX tasks_unfolded ON tasks (id) WHERE folded_version <> version;
 
 -- Deletes now leave a tombstone, with the number the counter gave them. Only writes to
--- the task's own fields count as changes: refreshing the folded copies does not.
+-- the task's own fields count as changes: refreshing the folded copies does not. A task's
+-- id and owner never change (the feed and the counters are per owner): an update that
+-- tries is refused.
 CREATE OR REPLACE FUNCTION tasks_count_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     changed_user VARCHAR := CASE WHEN TG_OP = 'DELETE' THEN OLD.user_id ELSE NEW.user_id END;
     number BIGINT;
 BEGIN
+    IF TG_OP = 'UPDATE' AND (NEW.id <> OLD.id OR NEW.user_id <> OLD.user_id) THEN
+        RAISE EXCEPTION 'a task''s id and user_id never change' USING ERRCODE = 'check_violation';
+    END IF;
     INSERT INTO user_changes AS c (user_id, counter) VALUES (changed_user, 1)
     ON CONFLICT (user_id) DO UPDATE SET counter = c.counter + 1
     RETURNING c.counter INTO number;
@@ -57,7 +77,7 @@ $$;
 DROP TRIGGER tasks_count_change ON tasks;
 CREATE TRIGGER tasks_count_change
 BEFORE INSERT OR DELETE
-    OR UPDATE OF user_id, title, description, complete, created_at, updated_at, version
+    OR UPDATE OF id, user_id, title, description, complete, created_at, updated_at, version
 ON tasks FOR EACH ROW EXECUTE FUNCTION tasks_count_change();
 
 -- Secrets the service makes for itself, shared by every instance: the key that signs

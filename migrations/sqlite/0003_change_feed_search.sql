@@ -11,6 +11,20 @@ CREATE TABLE task_tombstones (
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX task_tombstones_deleted_at ON task_tombstones (deleted_at);
 
+ALTER TABLE user_changes ADD COLUMN purged_through INTEGER NOT NULL DEFAULT 0;
+CREATE TRIGGER task_tombstones_note_purge AFTER DELETE ON task_tombstones
+BEGIN
+    UPDATE user_changes SET purged_through = max(purged_through, OLD.change_seq)
+    WHERE user_id = OLD.user_id;
+END;
+
+-- A task's id and owner never change.
+CREATE TRIGGER tasks_keep_identity BEFORE UPDATE OF id, user_id ON tasks
+WHEN NEW.id <> OLD.id OR NEW.user_id <> OLD.user_id
+BEGIN
+    SELECT RAISE(ABORT, 'a task''s id and user_id never change');
+END;
+
 CREATE INDEX tasks_user_change_seq ON tasks (user_id, change_seq);
 CREATE INDEX tasks_user_updated_at ON tasks (user_id, updated_at, id);
 

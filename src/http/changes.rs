@@ -30,7 +30,7 @@ impl From<Refused> for ApiError {
     security(("bearerAuth" = [])),
     params(
         ("user_id" = String, Path, description = "The owner's user id: the token's user (`user_id` claim, else `sub`)"),
-        ("cursor" = Option<String>, Query, description = "The `cursor` of an earlier answer (or an event id): the changes after it. Without it, a full sync: every task, as `upsert`. Valid for `SYNC_RETENTION` (default 30 days) from the start of the sync it continues"),
+        ("cursor" = Option<String>, Query, description = "The `cursor` of an earlier answer (or an event id): the changes after it. Without it, a full sync: every task, as `upsert`. Valid for `SYNC_RETENTION` (default 30 days) after it was issued; 410 when older, or when deletions it may need have been purged"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many changes (default 500); `has_more` says whether more wait"),
     ),
     responses(

@@ -303,9 +303,9 @@ pub enum WritePreconditions {
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum CursorExpired {
-    /// The cursor was issued more than `SYNC_RETENTION` ago (or before the database was
-    /// restored from a backup): start again with a full sync, without `cursor`
-    /// (`CURSOR_EXPIRED`).
+    /// The cursor was issued more than `SYNC_RETENTION` ago, or deletions it may need
+    /// have since been purged, or it is from before the database was restored from a
+    /// backup: start again with a full sync, without `cursor` (`CURSOR_EXPIRED`).
     #[response(status = 410, example = json!({"detail": "This cursor has expired: start again with a full sync (no cursor)", "error_code": "CURSOR_EXPIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Expired(ErrorResponse),
 }

@@ -34,6 +34,10 @@ impl Dialect for Postgres {
     fn contains(haystack: &str, needle: &str) -> String {
         format!("strpos({haystack}, {needle}) > 0")
     }
+
+    fn null(ty: &str) -> String {
+        format!("NULL::{ty}")
+    }
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Postgres>);

@@ -93,6 +93,9 @@ pub trait Dialect {
     fn code_point_order(column: &str) -> String;
     /// "the text `haystack` contains the text `needle`" (NULL or false when it does not).
     fn contains(haystack: &str, needle: &str) -> String;
+    /// A NULL of the PostgreSQL type `ty` (for a column of a `UNION` that only one side
+    /// has).
+    fn null(ty: &str) -> String;
 }
 
 /// The columns of a task, in the order every statement returns them.
@@ -131,26 +134,38 @@ impl Statements {
             change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
             // The counter is read once, in the same snapshot as the changes, and guards
             // both scans (PostgreSQL skips them by a one-time filter when it is not
-            // above the cursor).
+            // above the cursor). Each side reads at most a page, in index order.
             changes: format!(
                 "WITH marker AS MATERIALIZED (
-                     SELECT COALESCE((SELECT counter FROM user_changes WHERE user_id = $1), 0)
-                     AS counter)
-                 SELECT marker.counter AS marker, c.*
+                     SELECT COALESCE(c.counter, 0) AS counter,
+                            COALESCE(c.purged_through, 0) AS purged_through
+                     FROM (SELECT 1) AS one LEFT JOIN user_changes AS c ON c.user_id = $1)
+                 SELECT marker.counter AS marker, marker.purged_through, c.*
                  FROM marker LEFT JOIN (
                      SELECT * FROM (
-                         SELECT change_seq, {TASK}, NULL AS deleted_at FROM tasks
-                         WHERE user_id = $1 AND change_seq > $2
-                           AND (SELECT counter FROM marker) > $2
+                         SELECT * FROM (
+                             SELECT change_seq, {TASK}, {} AS deleted_at FROM tasks
+                             WHERE user_id = $1 AND change_seq > $2
+                               AND (SELECT counter FROM marker) > $2
+                             ORDER BY change_seq LIMIT $3) AS live
                          UNION ALL
-                         SELECT change_seq, task_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                                deleted_at
-                         FROM task_tombstones
-                         WHERE user_id = $1 AND change_seq > $2 AND $4
-                           AND (SELECT counter FROM marker) > $2
+                         SELECT * FROM (
+                             SELECT change_seq, task_id, {}, {}, {}, {}, {}, {}, {}, deleted_at
+                             FROM task_tombstones
+                             WHERE user_id = $1 AND change_seq > $2 AND $4
+                               AND (SELECT counter FROM marker) > $2
+                             ORDER BY change_seq LIMIT $3) AS dead
                      ) AS u ORDER BY change_seq LIMIT $3
                  ) AS c ON true
-                 ORDER BY c.change_seq"
+                 ORDER BY c.change_seq",
+                D::null("timestamptz"),
+                D::null("text"),
+                D::null("text"),
+                D::null("text"),
+                D::null("boolean"),
+                D::null("timestamptz"),
+                D::null("timestamptz"),
+                D::null("int8"),
             ),
             create: format!(
                 "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at,
@@ -409,9 +424,12 @@ macro_rules! impl_task_store {
                     .await?;
                 let marker = marker.unwrap_or(0);
                 if marker <= since {
+                    // (What was purged is never above the counter, so never above
+                    // `since` here.)
                     return Ok($crate::sync::ChangePage {
                         changes: Vec::new(),
                         marker,
+                        purged_through: 0,
                         has_more: false,
                     });
                 }
@@ -428,10 +446,12 @@ macro_rules! impl_task_store {
                 let mut page = $crate::sync::ChangePage {
                     changes: Vec::with_capacity(rows.len()),
                     marker: 0,
+                    purged_through: 0,
                     has_more: false,
                 };
                 for row in &rows {
                     page.marker = row.try_get("marker")?;
+                    page.purged_through = row.try_get("purged_through")?;
                     let Some(seq) = row.try_get::<Option<i64>, _>("change_seq")? else {
                         continue;
                     };

@@ -36,6 +36,11 @@ impl Dialect for Sqlite {
     fn contains(haystack: &str, needle: &str) -> String {
         format!("instr({haystack}, {needle}) > 0")
     }
+
+    /// SQLite's columns take any type.
+    fn null(_ty: &str) -> String {
+        "NULL".to_owned()
+    }
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Sqlite>);

@@ -363,29 +363,28 @@ fn retention(app: &TestApp, ms: u64) -> impl std::future::Future<Output = TestAp
     async move { app.sibling_with(auth_config(), &options).await }
 }
 
-async fn a_cursor_expires_after_the_retention_counted_from_the_start_of_its_sync(app: TestApp) {
+async fn a_cursor_expires_after_the_retention_from_when_it_was_issued(app: TestApp) {
     let app = retention(&app, 700).await;
     for n in 0..3 {
         app.create("alice", &format!("t{n}")).await;
     }
-    // A full sync in pages of one: every page's cursor carries the time the sync began.
+    // A full sync in pages of one, slowly: each page's cursor is new, and good for the
+    // retention from then on.
     let mut replica = Replica::default();
     assert!(replica.apply(&feed(&app, "alice", None, Some(1)).await));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(replica.apply(&feed(&app, "alice", replica.cursor.as_deref(), Some(1)).await));
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    // 800 ms since the sync began, 400 ms since this cursor was handed out: expired.
-    let expired = feed(&app, "alice", replica.cursor.as_deref(), Some(1)).await;
-    expired.assert_error(StatusCode::GONE, "CURSOR_EXPIRED");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(!replica.apply(&feed(&app, "alice", replica.cursor.as_deref(), Some(1)).await));
+    assert_eq!(replica.tasks.len(), 3);
 
-    // The last page of a sync hands out a fresh cursor, and so does every up-to-date
-    // poll: a client that syncs regularly never expires.
-    let mut replica = Replica::default();
-    replica.sync(&app, "alice", None).await;
+    // Every up-to-date poll hands out a fresh cursor too: a client that syncs regularly
+    // never expires.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(450)).await;
         replica.sync(&app, "alice", None).await;
     }
+    // One kept past the retention is 410.
     tokio::time::sleep(Duration::from_millis(800)).await;
     feed(&app, "alice", replica.cursor.as_deref(), None)
         .await
@@ -394,6 +393,67 @@ async fn a_cursor_expires_after_the_retention_counted_from_the_start_of_its_sync
     let mut again = Replica::default();
     again.sync(&app, "alice", None).await;
     assert_eq!(again.tasks.len(), 3);
+}
+
+async fn a_cursor_from_before_purged_deletions_is_expired(app: TestApp) {
+    let store = app.store();
+    let tasks: Vec<Value> = [
+        app.create("alice", "t1").await,
+        app.create("alice", "t2").await,
+        app.create("alice", "t3").await,
+    ]
+    .into();
+    let mut before = Replica::default();
+    before.sync(&app, "alice", None).await;
+    app.call(Method::DELETE, &url(&tasks[0]), "alice", None)
+        .await;
+    let mut between = Replica::default();
+    between.sync(&app, "alice", None).await;
+    app.call(Method::DELETE, &url(&tasks[1]), "alice", None)
+        .await;
+    // Bob's purged deletions never concern alice.
+    let bobs = app.create("bob", "b").await;
+    app.call(Method::DELETE, &url(&bobs), "bob", None).await;
+    let mut current = Replica::default();
+    current.sync(&app, "alice", None).await;
+
+    let later = task_api::storage::now() + chrono::Duration::seconds(60);
+    assert_eq!(store.purge_tombstones(later, 1000).await.unwrap(), 3);
+    // Both older cursors would miss a deletion now gone: 410, never a silent gap.
+    for stale in [&before, &between] {
+        feed(&app, "alice", stale.cursor.as_deref(), None)
+            .await
+            .assert_error(StatusCode::GONE, "CURSOR_EXPIRED");
+    }
+    // A cursor from after the deletions is fine.
+    let reply = feed(&app, "alice", current.cursor.as_deref(), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+    // So is a full sync in pages below the purged numbers: what it sees is as of its
+    // first page, after those deletions.
+    app.create("alice", "t4").await;
+    let mut paged = Replica::default();
+    assert_eq!(paged.sync(&app, "alice", Some(1)).await, 2);
+    assert_eq!(paged.tasks, server_tasks(&app, "alice").await);
+}
+
+async fn a_tasks_id_and_owner_never_change(app: TestApp) {
+    let task = app.create("alice", "t").await;
+    let mut side = app.side_connection().await;
+    for change in ["user_id = 'bob'", "id = id + 1000"] {
+        let refused = side
+            .try_execute(&format!(
+                "UPDATE tasks SET {change} WHERE id = {}",
+                task["id"]
+            ))
+            .await;
+        assert!(
+            refused.is_err_and(|e| e.contains("never change")),
+            "{change}"
+        );
+    }
+    // Nothing changed.
+    let got = app.call(Method::GET, &url(&task), "alice", None).await;
+    assert_eq!(got.json, task);
 }
 
 async fn a_cursor_from_before_a_restore_is_expired(app: TestApp) {
@@ -532,7 +592,9 @@ crate::on_both_databases!(
     the_default_page_is_500_and_the_limit_is_checked,
     malformed_forged_and_other_users_cursors_are_422,
     the_feed_checks_auth_first,
-    a_cursor_expires_after_the_retention_counted_from_the_start_of_its_sync,
+    a_cursor_expires_after_the_retention_from_when_it_was_issued,
+    a_cursor_from_before_purged_deletions_is_expired,
+    a_tasks_id_and_owner_never_change,
     a_cursor_from_before_a_restore_is_expired,
     deletes_made_outside_the_service_leave_tombstones_too,
     tombstones_are_purged_oldest_first_in_bounded_batches,

@@ -479,6 +479,16 @@ impl SideConnection {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// Runs SQL, returning the database's error instead of panicking.
+    pub async fn try_execute(&mut self, sql: &str) -> Result<(), String> {
+        use sqlx::Executor;
+        match self {
+            Self::Sqlite(c) => c.execute(sql).await.map(drop),
+            Self::Postgres(c) => c.execute(sql).await.map(drop),
+        }
+        .map_err(|e| e.to_string())
+    }
+
     /// Blocks writers to `tasks` until [`SideConnection::release`].
     pub async fn lock_tasks(&mut self) {
         match self {
