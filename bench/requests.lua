@@ -6,7 +6,7 @@
 -- create-key (create with a fresh Idempotency-Key each time); and the sync ones:
 -- changes-poll (the feed with an up-to-date cursor), changes-20 (with a cursor 20
 -- changes behind), list-sorted (?sort=-updated_at&limit=20), list-search
--- (?q=task%201&limit=20), page1, page50-keyset and page50-offset (pages 1 and 50 of a
+-- (?q=1&limit=20), page1, page50-keyset and page50-offset (pages 1 and 50 of a
 -- user with 10,000 tasks, limit=20; page 50 by cursor or by offset=980).
 -- Reads "user token first_task_id" lines from the file named by BENCH_USERS, and
 -- "task_path version" lines from BENCH_VERSIONS for get304 and patch-if-match; the feed
@@ -61,7 +61,7 @@ function init(args)
     local json = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json" }
     lists[#lists + 1] = wrk.format("GET", path .. "?limit=20", auth)
     sorted[#sorted + 1] = wrk.format("GET", path .. "?sort=-updated_at&limit=20", auth)
-    searched[#searched + 1] = wrk.format("GET", path .. "?q=task%201&limit=20", auth)
+    searched[#searched + 1] = wrk.format("GET", path .. "?q=1&limit=20", auth)
     local body = '{"title": "benchmark task", "description": "made by wrk"}'
     creates[#creates + 1] = wrk.format("POST", path, json, body)
     local with_key = { ["Authorization"] = "Bearer " .. u.token, ["Content-Type"] = "application/json",

@@ -1,6 +1,9 @@
 -- Changes since a cursor 20 changes behind (a feed user's cursor from before its 20
 -- creates): the counter, then the changes with the counter again, in one snapshot.
 \set u random(0, 99)
+\set since 0
+\set limit 501
+\set deletions 1
 SELECT counter FROM user_changes WHERE user_id = 'bench-feed-' || :u;
 WITH marker AS MATERIALIZED (
     SELECT COALESCE(c.counter, 0) AS counter, COALESCE(c.purged_through, 0) AS purged_through
@@ -12,17 +15,17 @@ FROM marker LEFT JOIN (
             SELECT change_seq, id, user_id, title, description, complete, created_at, updated_at,
                    version, NULL::timestamptz AS deleted_at
             FROM tasks
-            WHERE user_id = 'bench-feed-' || :u AND change_seq > 0
-              AND (SELECT counter FROM marker) > 0
-            ORDER BY change_seq LIMIT 501) AS live
+            WHERE user_id = 'bench-feed-' || :u AND change_seq > :since
+              AND (SELECT counter FROM marker) > :since
+            ORDER BY change_seq LIMIT :limit) AS live
         UNION ALL
         SELECT * FROM (
             SELECT change_seq, task_id, NULL::text, NULL::text, NULL::text, NULL::boolean,
                    NULL::timestamptz, NULL::timestamptz, NULL::int8, deleted_at
             FROM task_tombstones
-            WHERE user_id = 'bench-feed-' || :u AND change_seq > 0 AND true
-              AND (SELECT counter FROM marker) > 0
-            ORDER BY change_seq LIMIT 501) AS dead
-    ) AS u ORDER BY change_seq LIMIT 501
+            WHERE user_id = 'bench-feed-' || :u AND change_seq > :since AND :deletions
+              AND (SELECT counter FROM marker) > :since
+            ORDER BY change_seq LIMIT :limit) AS dead
+    ) AS u ORDER BY change_seq LIMIT :limit
 ) AS c ON true
 ORDER BY c.change_seq;
