@@ -415,14 +415,7 @@ macro_rules! impl_task_store {
                 // An up-to-date poll, the commonest call, reads the counter and nothing
                 // else. (Otherwise the statement below reads it again, in the snapshot
                 // of the changes.)
-                let marker: Option<i64> = conn
-                    .run(|conn| {
-                        sqlx::query_scalar(SQL.change_marker)
-                            .bind(user_id)
-                            .fetch_optional(conn)
-                    })
-                    .await?;
-                let marker = marker.unwrap_or(0);
+                let marker = counter(&mut conn, user_id).await?;
                 if marker <= since {
                     // (What was purged is never above the counter, so never above
                     // `since` here.)
@@ -476,14 +469,7 @@ macro_rules! impl_task_store {
                 user_id: &str,
             ) -> Result<i64, $crate::storage::StoreError> {
                 let mut conn = self.read().await?;
-                let marker: Option<i64> = conn
-                    .run(|conn| {
-                        sqlx::query_scalar(SQL.change_marker)
-                            .bind(user_id)
-                            .fetch_optional(conn)
-                    })
-                    .await?;
-                Ok(marker.unwrap_or(0))
+                counter(&mut conn, user_id).await
             }
 
             async fn create(
@@ -727,6 +713,23 @@ macro_rules! impl_task_store {
             fn acquire_wait(&self) -> prometheus_client::metrics::histogram::Histogram {
                 self.wait()
             }
+        }
+
+        /// The user's change counter (0 before their first write): one index probe.
+        async fn counter(
+            conn: &mut $crate::storage::pool::Tracked<
+                <$store as $crate::storage::sql::Backend>::Connection,
+            >,
+            user_id: &str,
+        ) -> Result<i64, $crate::storage::StoreError> {
+            let marker: Option<i64> = conn
+                .run(|conn| {
+                    sqlx::query_scalar(SQL.change_marker)
+                        .bind(user_id)
+                        .fetch_optional(conn)
+                })
+                .await?;
+            Ok(marker.unwrap_or(0))
         }
 
         /// Runs a purge statement (`$1` cutoff, `$2` limit); returns the rows it deleted.
