@@ -25,6 +25,7 @@ pub mod claims;
 pub mod jwks;
 
 use claims::ClaimRules;
+pub use claims::Identity;
 use jwks::{ASYMMETRIC_ALGORITHMS, JwksCache, JwksSettings, KeyError};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -85,6 +86,11 @@ impl Verifier {
 
     /// Verifies a token and returns its user id.
     pub async fn verify(&self, token: &str) -> Result<String, ApiError> {
+        self.identify(token).await.map(|identity| identity.user)
+    }
+
+    /// Verifies a token and returns who it speaks for, and until when.
+    pub async fn identify(&self, token: &str) -> Result<Identity, ApiError> {
         const MALFORMED: ApiError = ApiError::AuthInvalid("Token is malformed");
         if token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::AuthInvalid("Token is too large"));
@@ -136,7 +142,7 @@ impl Verifier {
         };
 
         let payload = URL_SAFE_NO_PAD.decode(payload_b64).map_err(|_| MALFORMED)?;
-        rules.user_of(&payload).map_err(ApiError::AuthInvalid)
+        rules.identity_of(&payload).map_err(ApiError::AuthInvalid)
     }
 }
 

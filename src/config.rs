@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::claims::ClaimRules;
 use crate::storage::PoolSettings;
+use crate::sync::fanout::EventSettings;
 use crate::tls::TlsFiles;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
@@ -137,6 +138,9 @@ pub struct Config {
     /// How long a sync cursor stays valid and deletions are remembered (`SYNC_RETENTION`,
     /// default 30 days).
     pub sync_retention: std::time::Duration,
+    /// The event stream's limits and heartbeat (`MAX_STREAMS_PER_USER`, `MAX_STREAMS`,
+    /// `EVENTS_HEARTBEAT`) and the listener's own connection (`DATABASE_DIRECT_URL`).
+    pub events: EventSettings,
 }
 
 /// Enough to keep the database pool busy several times over, few enough that waiting
@@ -231,6 +235,8 @@ impl Config {
             Some(v) => parse_duration("SYNC_RETENTION", &v)?,
         };
 
+        let events = events_config(&get)?;
+
         let auth = auth_config(&get)?;
         if environment == Environment::Production && !auth.has_key() {
             return Err(ConfigError::new(
@@ -307,8 +313,56 @@ impl Config {
             require_if_match,
             idempotency_ttl,
             sync_retention,
+            events,
         })
     }
+}
+
+fn events_config(get: &impl Fn(&str) -> Option<String>) -> Result<EventSettings, ConfigError> {
+    let count = |setting: &'static str, default: usize, max: usize| match get(setting) {
+        None => Ok(default),
+        Some(n) => match n.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                setting,
+                format!("expected a number from 1 to {max}, got {n:?}"),
+            )),
+        },
+    };
+    let defaults = EventSettings::default();
+    let heartbeat = match get("EVENTS_HEARTBEAT") {
+        None => defaults.heartbeat,
+        Some(v) => match parse_duration("EVENTS_HEARTBEAT", &v)? {
+            d if d <= std::time::Duration::from_secs(30) => d,
+            _ => {
+                return Err(ConfigError::new(
+                    "EVENTS_HEARTBEAT",
+                    format!("at most 30s (proxies close idle streams), got {v:?}"),
+                ));
+            }
+        },
+    };
+    let listener_url = get("DATABASE_DIRECT_URL");
+    if let Some(url) = &listener_url
+        && !url.starts_with("postgres://")
+        && !url.starts_with("postgresql://")
+    {
+        return Err(ConfigError::new(
+            "DATABASE_DIRECT_URL",
+            "expected a postgres:// or postgresql:// URL",
+        ));
+    }
+    Ok(EventSettings {
+        max_streams_per_user: count(
+            "MAX_STREAMS_PER_USER",
+            defaults.max_streams_per_user,
+            100_000,
+        )?,
+        max_streams: count("MAX_STREAMS", defaults.max_streams, 1_000_000)?,
+        heartbeat,
+        listener_url: listener_url.map(SecretString::from),
+        ..defaults
+    })
 }
 
 /// A duration as the contract writes them: `30d`, `24h`, `60s`, `500ms` (any

@@ -28,6 +28,8 @@ pub enum Kind {
     Feed = 1,
     /// A position in a list, for one filter, sort and `q`.
     List = 2,
+    /// A ticket that opens one event stream.
+    Ticket = 3,
 }
 
 /// The signing key.
@@ -80,6 +82,15 @@ impl CursorKey {
             .ok()?;
         bytes.truncate(split);
         Some(bytes)
+    }
+
+    /// A short public name derived from the key (16 hex digits): the same for every
+    /// instance sharing the key, and revealing nothing about it.
+    pub fn fingerprint(&self) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(b"fingerprint");
+        let digest = mac.finalize().into_bytes();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     fn tag(&self, kind: Kind, user: &str, context: &[&[u8]], payload: &[u8]) -> [u8; 32] {

@@ -99,6 +99,13 @@ pub enum ApiError {
     /// from before a restore.
     #[error("cursor expired")]
     CursorExpired,
+    /// 429: over a rate limit, or the per-user stream limit; retry after this many
+    /// seconds.
+    #[error("rate limited")]
+    RateLimited {
+        detail: &'static str,
+        retry_after_secs: u64,
+    },
 }
 
 impl ApiError {
@@ -257,6 +264,20 @@ impl IntoResponse for ApiError {
                     "This service requires If-Match on PUT, PATCH and DELETE",
                 ),
             ),
+            Self::RateLimited {
+                detail,
+                retry_after_secs,
+            } => {
+                let mut response = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, retry_after_secs.max(1).to_string())],
+                )
+                    .into_response();
+                response
+                    .extensions_mut()
+                    .insert(ErrorReport::message("RATE_LIMITED", detail));
+                return response;
+            }
             Self::IdempotencyKeyInUse => (
                 StatusCode::CONFLICT,
                 ErrorReport::message(

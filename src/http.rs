@@ -23,9 +23,12 @@ use crate::cursors::CursorKey;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::storage::{StoreError, TaskStore};
+use crate::sync::fanout::{EventSettings, Fanout};
+use tokio_util::sync::CancellationToken;
 use crate::tasks::BodyError;
 
 mod changes;
+mod events;
 pub mod extract;
 pub mod middleware;
 pub mod openapi;
@@ -52,6 +55,8 @@ pub struct AppState {
     pub cursors: Arc<CursorKey>,
     /// How long a feed cursor stays valid (`SYNC_RETENTION`).
     pub sync_retention: Duration,
+    /// Live updates: the streams open on this instance and their hubs.
+    pub events: Arc<Fanout>,
 }
 
 impl AppState {
@@ -59,6 +64,13 @@ impl AppState {
     /// two.
     pub fn new(store: Arc<dyn TaskStore>, verifier: Verifier, cursors: CursorKey) -> Self {
         let metrics = Metrics::new(Some(store.clone()), verifier.jwks_fetches());
+        let events = Fanout::new(
+            store.clone(),
+            &cursors,
+            EventSettings::default(),
+            metrics.open_streams(),
+            CancellationToken::new(),
+        );
         Self {
             store,
             verifier: Arc::new(verifier),
@@ -67,6 +79,7 @@ impl AppState {
             idempotency_ttl: crate::idempotency::DEFAULT_TTL,
             cursors: Arc::new(cursors),
             sync_retention: crate::sync::DEFAULT_RETENTION,
+            events,
         }
     }
 }
@@ -83,6 +96,10 @@ pub struct HttpOptions {
     pub idempotency_ttl: Duration,
     /// How long a feed cursor stays valid.
     pub sync_retention: Duration,
+    /// Limits and timings of the event stream.
+    pub events: EventSettings,
+    /// Cancelled when the service begins to shut down: open event streams end at once.
+    pub closing: CancellationToken,
 }
 
 impl Default for HttpOptions {
@@ -93,6 +110,8 @@ impl Default for HttpOptions {
             require_if_match: false,
             idempotency_ttl: crate::idempotency::DEFAULT_TTL,
             sync_retention: crate::sync::DEFAULT_RETENTION,
+            events: EventSettings::default(),
+            closing: CancellationToken::new(),
         }
     }
 }
@@ -128,12 +147,24 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
     state.require_if_match = options.require_if_match;
     state.idempotency_ttl = options.idempotency_ttl;
     state.sync_retention = options.sync_retention;
+    state.events = Fanout::new(
+        state.store.clone(),
+        &state.cursors,
+        options.events.clone(),
+        state.metrics.open_streams(),
+        options.closing.child_token(),
+    );
     let (api, document) = tasks::router()
         .merge(changes::router())
+        .merge(events::router())
         .routes(routes!(health))
         .split_for_parts();
     let document = openapi::ApiDoc::openapi().merge_from(document);
     let router = api
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            events::announce_writes,
+        ))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found);
     with_service_layers(router, options, state.metrics.clone()).with_state(state)

@@ -100,14 +100,22 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         require_if_match: config.require_if_match,
         idempotency_ttl: config.idempotency_ttl,
         sync_retention: config.sync_retention,
+        events: config.events.clone(),
+        closing: tokio_util::sync::CancellationToken::new(),
     };
+    let closing = options.closing.clone();
     let app = http::app(state, &options);
+    // Open event streams end at once: the drain then waits only for ordinary requests.
+    let shutdown = async move {
+        shutdown_signal().await;
+        closing.cancel();
+    };
     match tls {
         Some(tls) => {
             tls.spawn_reloader(tls::RELOAD_CHECK_INTERVAL);
-            serve_tls(listener, http::with_hsts(app), &tls, shutdown_signal()).await?;
+            serve_tls(listener, http::with_hsts(app), &tls, shutdown).await?;
         }
-        None => serve(listener, app, shutdown_signal()).await?,
+        None => serve(listener, app, shutdown).await?,
     }
     tracing::info!("stopped");
     Ok(())

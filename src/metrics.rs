@@ -37,9 +37,12 @@ struct RouteLabels {
 }
 
 /// Every route template the service has; anything else is "unmatched" (or a /docs asset).
-const ROUTES: [&str; 7] = [
+const ROUTES: [&str; 10] = [
     "/api/{user_id}/tasks",
     "/api/{user_id}/tasks/{task_id}",
+    "/api/{user_id}/changes",
+    "/api/{user_id}/events",
+    "/api/{user_id}/events/tickets",
     "/health",
     "/openapi.json",
     "/docs",
@@ -94,6 +97,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     pool_size: Gauge,
     pool_idle: Gauge,
+    open_streams: Gauge,
     store: Option<Arc<dyn TaskStore>>,
 }
 
@@ -142,6 +146,12 @@ impl Metrics {
         if let Some(fetches) = jwks_fetches {
             registry.register("jwks_fetches", "JWKS fetches by outcome", fetches);
         }
+        let open_streams = Gauge::default();
+        registry.register(
+            "event_streams_open",
+            "Event streams open on this instance",
+            open_streams.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -156,8 +166,14 @@ impl Metrics {
             errors,
             pool_size,
             pool_idle,
+            open_streams,
             store,
         }
+    }
+
+    /// The gauge of open event streams (kept by the fan-out).
+    pub fn open_streams(&self) -> Gauge {
+        self.open_streams.clone()
     }
 
     /// Records one answered request.

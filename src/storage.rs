@@ -123,6 +123,27 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Deletes up to `limit` tombstones of deletions made at or before `cutoff`, oldest
     /// first; returns how many.
     async fn purge_tombstones(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError>;
+    /// Stores an event-stream ticket's id for `user_id`, usable until `expires_at`.
+    async fn store_ticket(
+        &self,
+        user_id: &str,
+        ticket: &[u8],
+        expires_at: DateTime<Utc>,
+        token_valid_until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Uses up the user's ticket if it is stored and not expired at `now`, in one atomic
+    /// step; returns until when the token that asked for it is valid (`None`: unknown,
+    /// used or expired).
+    async fn redeem_ticket(
+        &self,
+        user_id: &str,
+        ticket: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Deletes up to `limit` tickets that expired at or before `cutoff`; returns how many.
+    async fn purge_tickets(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError>;
+    /// The PostgreSQL store behind this one, for what only PostgreSQL has (LISTEN/NOTIFY).
+    fn postgres(&self) -> Option<PgTaskStore>;
     /// Folds the search copies of up to `limit` tasks whose copies are missing or stale
     /// (written by something other than this service); returns how many.
     async fn refold(&self, limit: i64) -> Result<u64, StoreError>;

@@ -24,6 +24,11 @@
 
 use std::time::Duration;
 
+pub mod fanout;
+pub mod notify;
+pub mod stream;
+pub mod tickets;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -171,11 +176,7 @@ pub fn answer(
     user: &str,
 ) -> Result<Feed, Refused> {
     if let Some(from) = from {
-        // Ahead of the counter: issued before the database was restored from a backup.
-        // Below what was purged: a deletion that concerns it may be gone.
-        if from.counter > page.marker || page.purged_through > from.counter.max(from.floor) {
-            return Err(Refused::Expired);
-        }
+        check(from, &page)?;
     }
     let next = match page.changes.last() {
         Some(last) if page.has_more => Position {
@@ -195,6 +196,16 @@ pub fn answer(
         cursor: next.seal(key, user),
         has_more: page.has_more,
     })
+}
+
+/// Whether the feed can continue from `from`, given a page read from it.
+pub fn check(from: Position, page: &ChangePage) -> Result<(), Refused> {
+    // Ahead of the counter: issued before the database was restored from a backup.
+    // Below what was purged: a deletion that concerns it may be gone.
+    if from.counter > page.marker || page.purged_through > from.counter.max(from.floor) {
+        return Err(Refused::Expired);
+    }
+    Ok(())
 }
 
 /// The feed query: `limit` 1–1000 (default 500), `cursor` still sealed.

@@ -46,9 +46,31 @@ impl Audience {
     }
 }
 
+/// Who a verified token speaks for, and until when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub user: String,
+    /// The token's `exp` (seconds since the Unix epoch); it is accepted until
+    /// [`LEEWAY_SECS`] after that.
+    pub expires: f64,
+}
+
+impl Identity {
+    /// The last instant the token is accepted: `exp` plus the skew allowance.
+    pub fn valid_until(&self) -> chrono::DateTime<chrono::Utc> {
+        let micros = (self.expires + LEEWAY_SECS as f64) * 1e6;
+        chrono::DateTime::from_timestamp_micros(micros as i64).unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+    }
+}
+
 impl ClaimRules {
     /// Checks a token's decoded payload and returns its user id.
     pub fn user_of(&self, payload: &[u8]) -> Result<String, &'static str> {
+        self.identity_of(payload).map(|identity| identity.user)
+    }
+
+    /// Checks a token's decoded payload and returns who it speaks for, until when.
+    pub fn identity_of(&self, payload: &[u8]) -> Result<Identity, &'static str> {
         let claims: Claims =
             serde_json::from_slice(payload).map_err(|_| "Token claims are malformed")?;
         let now = SystemTime::now()
@@ -90,7 +112,7 @@ impl ClaimRules {
         if user.is_empty() {
             return Err("Token has no user claim");
         }
-        Ok(user)
+        Ok(Identity { user, expires: exp })
     }
 }
 

@@ -14,7 +14,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{Map, Value};
 
 use super::AppState;
-use crate::auth::bearer_token;
+use crate::auth::{Identity, bearer_token};
 use crate::error::{ApiError, FieldError};
 use crate::idempotency::IdempotencyKey;
 use crate::lists::ListParams;
@@ -23,7 +23,7 @@ use crate::tasks::parse_task_id;
 use crate::versions::TagList;
 
 /// Positions of the path parameters in `/api/{user_id}/tasks/{task_id}`.
-const USER_ID_SEGMENT: usize = 2;
+pub const USER_ID_SEGMENT: usize = 2;
 const TASK_ID_SEGMENT: usize = 4;
 
 /// The authenticated caller, who is also the `{user_id}` of the path.
@@ -33,14 +33,36 @@ impl FromRequestParts<AppState> for Owner {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let user = state.verifier.verify(bearer_token(&parts.headers)?).await?;
-        tracing::Span::current().record("user_id", user.as_str());
-        // Compared as bytes: a segment that does not decode to UTF-8 is simply not the
-        // caller's id (403), rather than a malformed request.
-        match path_segment(&parts.uri, USER_ID_SEGMENT) {
-            Some(path_user) if *path_user == *user.as_bytes() => Ok(Self(user)),
-            _ => Err(ApiError::Forbidden),
-        }
+        let Caller(identity) = Caller::from_request_parts(parts, state).await?;
+        Ok(Self(identity.user))
+    }
+}
+
+/// The authenticated caller and their token's lifetime; the caller is also the
+/// `{user_id}` of the path.
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let identity = state
+            .verifier
+            .identify(bearer_token(&parts.headers)?)
+            .await?;
+        owns_path(&parts.uri, &identity.user)?;
+        Ok(Self(identity))
+    }
+}
+
+/// 403 unless `user` is the path's `{user_id}`.
+pub fn owns_path(uri: &axum::http::Uri, user: &str) -> Result<(), ApiError> {
+    tracing::Span::current().record("user_id", user);
+    // Compared as bytes: a segment that does not decode to UTF-8 is simply not the
+    // caller's id (403), rather than a malformed request.
+    match path_segment(uri, USER_ID_SEGMENT) {
+        Some(path_user) if *path_user == *user.as_bytes() => Ok(()),
+        _ => Err(ApiError::Forbidden),
     }
 }
 
@@ -208,7 +230,7 @@ fn is_json(value: &HeaderValue) -> bool {
 ///
 /// Read from the URI rather than through axum's `Path`, which refuses the whole request
 /// when any parameter is not UTF-8 and so cannot keep the contract's check order.
-fn path_segment(uri: &axum::http::Uri, index: usize) -> Option<Cow<'_, [u8]>> {
+pub fn path_segment(uri: &axum::http::Uri, index: usize) -> Option<Cow<'_, [u8]>> {
     uri.path()
         .split('/')
         .nth(index)

@@ -19,11 +19,12 @@ use crate::tasks::{Task, TaskList};
         title = "Task API",
         description = "Tasks of a multi-user todo application. Every `/api` call needs a Better Auth JWT (or a token signed with the shared secret) whose user is the path's `user_id`.",
     ),
-    components(schemas(Task, TaskList, Feed, Change, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
+    components(schemas(Task, TaskList, Feed, Change, super::events::TicketBody, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
     modifiers(&BearerAuth, &PatchNeedsAField),
     tags(
         (name = "tasks", description = "A user's tasks"),
         (name = "sync", description = "Catching up: what changed since a cursor"),
+        (name = "events", description = "Live updates: the user's changes as server-sent events"),
         (name = "service", description = "Service status"),
     ),
 )]
@@ -182,6 +183,7 @@ pub enum ErrorCode {
     IDEMPOTENCY_KEY_REUSED,
     IDEMPOTENCY_KEY_IN_USE,
     CURSOR_EXPIRED,
+    RATE_LIMITED,
 }
 
 /// `/health` when the database answers.
@@ -297,6 +299,16 @@ pub enum WritePreconditions {
     /// (`PRECONDITION_REQUIRED`).
     #[response(status = 428, example = json!({"detail": "This service requires If-Match on PUT, PATCH and DELETE", "error_code": "PRECONDITION_REQUIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Required(ErrorResponse),
+}
+
+/// Limits on open event streams.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum StreamLimits {
+    /// The user has `MAX_STREAMS_PER_USER` streams open on this instance already
+    /// (`RATE_LIMITED`).
+    #[response(status = 429, example = json!({"detail": "Too many open event streams for this user", "error_code": "RATE_LIMITED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    TooManyForUser(ErrorResponse),
 }
 
 /// 410 of the change feed.

@@ -85,6 +85,9 @@ pub const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct PgTaskStore {
     pool: Pool<PgConnection>,
+    /// How the pool connects (the event listener connects the same way unless told
+    /// otherwise).
+    options: PgConnectOptions,
 }
 
 impl PgTaskStore {
@@ -118,6 +121,7 @@ impl PgTaskStore {
             settings.statement_timeout.as_millis()
         )
         .into();
+        let pool_options = options.clone();
         let pool = Pool::new(
             Box::new(move || {
                 let (options, session_setup) = (options.clone(), session_setup.clone());
@@ -132,7 +136,32 @@ impl PgTaskStore {
             Lifecycle::server(settings.check_after_idle),
             wait_histogram(),
         );
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            options: pool_options,
+        })
+    }
+
+    /// How this store connects to PostgreSQL.
+    pub fn connect_options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// Sends `NOTIFY channel, payload` (delivered when it commits: at once, here).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        conn.run(|conn| {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(conn)
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn as_postgres(&self) -> Option<PgTaskStore> {
+        Some(self.clone())
     }
 
     /// The store's connection pool (for tools and tests that need a raw connection).

@@ -119,6 +119,10 @@ pub struct Statements {
     pub stored_key: &'static str,
     pub purge_keys: &'static str,
     pub purge_tombstones: &'static str,
+    pub store_ticket: &'static str,
+    /// Deletes a ticket that has not expired, returning until when its token is valid.
+    pub redeem_ticket: &'static str,
+    pub purge_tickets: &'static str,
     pub unfolded: &'static str,
     pub refold: &'static str,
     pub store_secret: &'static str,
@@ -212,6 +216,16 @@ impl Statements {
                                WHERE deleted_at <= $1 AND (user_id, change_seq) IN (
                                    SELECT user_id, change_seq FROM task_tombstones
                                    WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)",
+            store_ticket: "INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
+                           VALUES ($1, $2, $3, $4)",
+            // One statement: of two requests redeeming one ticket, only one deletes it.
+            redeem_ticket: "DELETE FROM event_tickets
+                            WHERE user_id = $1 AND ticket = $2 AND expires_at > $3
+                            RETURNING token_valid_until",
+            purge_tickets: "DELETE FROM event_tickets
+                            WHERE expires_at <= $1 AND (user_id, ticket) IN (
+                                SELECT user_id, ticket FROM event_tickets
+                                WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
             unfolded: "SELECT id, user_id, title, description, version FROM tasks
                        WHERE folded_version <> version ORDER BY id LIMIT $1",
             // Only if the task is still at the version that was folded.
@@ -650,6 +664,58 @@ macro_rules! impl_task_store {
                 limit: i64,
             ) -> Result<u64, $crate::storage::StoreError> {
                 purge(self, SQL.purge_tombstones, cutoff, limit).await
+            }
+
+            async fn store_ticket(
+                &self,
+                user_id: &str,
+                ticket: &[u8],
+                expires_at: chrono::DateTime<chrono::Utc>,
+                token_valid_until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<(), $crate::storage::StoreError> {
+                let mut conn = self.write().await?;
+                conn.run(|conn| {
+                    sqlx::query(SQL.store_ticket)
+                        .bind(user_id)
+                        .bind(ticket)
+                        .bind(to_instant(expires_at))
+                        .bind(to_instant(token_valid_until))
+                        .execute(conn)
+                })
+                .await?;
+                Ok(())
+            }
+
+            async fn redeem_ticket(
+                &self,
+                user_id: &str,
+                ticket: &[u8],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::storage::StoreError> {
+                use $crate::storage::sql::StoredInstant;
+                let mut conn = self.write().await?;
+                let valid_until: Option<Instant> = conn
+                    .run(|conn| {
+                        sqlx::query_scalar(SQL.redeem_ticket)
+                            .bind(user_id)
+                            .bind(ticket)
+                            .bind(to_instant(now))
+                            .fetch_optional(conn)
+                    })
+                    .await?;
+                Ok(valid_until.map(StoredInstant::utc))
+            }
+
+            async fn purge_tickets(
+                &self,
+                cutoff: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> Result<u64, $crate::storage::StoreError> {
+                purge(self, SQL.purge_tickets, cutoff, limit).await
+            }
+
+            fn postgres(&self) -> Option<$crate::storage::PgTaskStore> {
+                self.as_postgres()
             }
 
             async fn refold(&self, limit: i64) -> Result<u64, $crate::storage::StoreError> {

@@ -144,6 +144,10 @@ impl SqliteTaskStore {
     }
 
     /// Closes every connection; calls made afterwards fail.
+    fn as_postgres(&self) -> Option<super::PgTaskStore> {
+        None
+    }
+
     pub fn close(&self) {
         self.readers.close();
         self.writer.close();

@@ -1,0 +1,270 @@
+//! The event stream (`GET /api/{user_id}/events`) and its tickets: who may open it, from
+//! where, and the SSE encoding. What the stream sends is `sync::stream`'s.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, extract::MatchedPath, extract::Request};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{Caller, USER_ID_SEGMENT, owns_path, path_segment};
+use super::openapi::{AccessErrors, CursorExpired, Invalid, StreamLimits};
+use crate::auth::bearer_token;
+use crate::error::{ApiError, FieldError};
+use crate::storage::{self, within_deadline};
+use crate::sync::fanout::Full;
+use crate::sync::stream::{EventStream, OpenError, StreamEvent};
+use crate::sync::tickets::Ticket;
+use crate::sync::{Position, Refused};
+use crate::tasks::rfc3339_utc;
+
+pub static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+const TICKET_REFUSED: &str = "Ticket is unknown, used or expired";
+/// How long a client refused for having too many streams should wait.
+const STREAMS_RETRY_AFTER_SECS: u64 = 5;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(events))
+        .routes(routes!(create_ticket))
+}
+
+/// A ticket for the event stream.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"ticket": "AQAAAZPnmYQAAAAAAAA3hK9d1xk2dGFsaWNl0yX1dGrl9gKQ0bcI6d1uWQ", "expires_at": "2026-01-01T10:01:00.000000Z"}))]
+pub struct TicketBody {
+    /// Pass it as `?ticket=` to `GET /api/{user_id}/events`, once, within 60 s.
+    pub ticket: String,
+    /// RFC 3339, UTC.
+    #[serde(serialize_with = "rfc3339_utc")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A single-use ticket that opens one event stream, for clients that cannot send an
+/// `Authorization` header (the browser's `EventSource`).
+#[utoipa::path(post, path = "/api/{user_id}/events/tickets", tag = "events", operation_id = "create_event_ticket",
+    security(("bearerAuth" = [])),
+    params(("user_id" = String, Path, description = "The owner's user id: the token's user (`user_id` claim, else `sub`)")),
+    responses(
+        (status = 201, description = "A ticket, valid for 60 s, once, for this user's event stream only; the stream it opens ends when the token that asked for it expires", body = TicketBody),
+        AccessErrors))]
+async fn create_ticket(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+) -> Result<(StatusCode, Json<TicketBody>), ApiError> {
+    let ticket = Ticket::issue(&identity.user, storage::now())
+        .map_err(|_| ApiError::Unavailable("Cannot make a ticket right now; retry shortly"))?;
+    within_deadline(app.store.store_ticket(
+        &identity.user,
+        &ticket.id,
+        ticket.expires_at,
+        identity.valid_until(),
+    ))
+    .await?;
+    let body = TicketBody {
+        ticket: ticket.seal(&app.cursors),
+        expires_at: ticket.expires_at,
+    };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// The user's changes as they happen, as server-sent events.
+#[utoipa::path(get, path = "/api/{user_id}/events", tag = "events", operation_id = "stream_events",
+    security(("bearerAuth" = []), ()),
+    params(
+        ("user_id" = String, Path, description = "The owner's user id"),
+        ("ticket" = Option<String>, Query, description = "A ticket from `POST /api/{user_id}/events/tickets`, for clients that cannot send `Authorization` (the browser's `EventSource`); used up when the stream opens. Ignored when a bearer token is sent. A JWT is never accepted here"),
+        ("cursor" = Option<String>, Query, description = "Where to resume: a feed cursor or an event id. Every change after it comes first, then live ones. `Last-Event-ID` wins over it"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Where to resume (what `EventSource` sends when it reconnects): an event id or a feed cursor"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`. First `event: ready` (`data: {\"cursor\": …}`, `id:` the same cursor: where the stream starts); then one `event: change` per committed change (`id:` the cursor just after it, `data:` one change-feed entry, see `Change`); a comment line at least every 30 s; `event: token-expired` (`data: {\"detail\": …}`) when the token stops being valid, and the stream ends. A stream that falls too far behind, or whose instance shuts down, is closed: resume from the last id", content_type = "text/event-stream", body = String),
+        CursorExpired, AccessErrors, Invalid, StreamLimits))]
+async fn events(
+    State(app): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let now = storage::now();
+    let query = EventsQuery::parse(uri.query());
+    let (user, token_valid_until, ticket) = match bearer_token(&headers) {
+        Ok(token) => {
+            let identity = app.verifier.identify(token).await?;
+            let until = identity.valid_until();
+            (identity.user, Some(until), None)
+        }
+        Err(ApiError::AuthMissing) => {
+            let sealed = query.ticket.ok_or(ApiError::AuthMissing)?;
+            let ticket = Ticket::open(&app.cursors, &sealed)
+                .filter(|t| !t.expired(now))
+                .ok_or(ApiError::AuthInvalid(TICKET_REFUSED))?;
+            (ticket.user.clone(), None, Some(ticket))
+        }
+        Err(other) => return Err(other),
+    };
+    owns_path(&uri, &user)?;
+    let from = resume_point(&app, &user, &headers, query.cursor.as_deref(), now)?;
+    let subscription = app.events.subscribe(&user).map_err(|full| match full {
+        Full::User => ApiError::RateLimited {
+            detail: "Too many open event streams for this user",
+            retry_after_secs: STREAMS_RETRY_AFTER_SECS,
+        },
+        Full::Instance => ApiError::Unavailable("Too many open event streams; retry shortly"),
+    })?;
+    let mut stream = EventStream::open(
+        app.store.clone(),
+        app.cursors.clone(),
+        user.clone(),
+        from,
+        subscription,
+        app.events.closing(),
+    )
+    .await
+    .map_err(|e| match e {
+        OpenError::Refused(refused) => ApiError::from(refused),
+        OpenError::Store(e) => ApiError::from(e),
+    })?;
+    // Last: a ticket is used up only by a stream that opens.
+    let valid_until = match (ticket, token_valid_until) {
+        (Some(ticket), _) => within_deadline(app.store.redeem_ticket(&user, &ticket.id, now))
+            .await?
+            .ok_or(ApiError::AuthInvalid(TICKET_REFUSED))?,
+        (None, Some(until)) => until,
+        (None, None) => return Err(ApiError::AuthMissing),
+    };
+    stream.valid_until(valid_until);
+
+    let events = futures_util::stream::unfold(stream, |mut stream| async move {
+        let event = stream.next().await?;
+        Some((Ok::<_, Infallible>(sse(event)), stream))
+    });
+    let keep_alive = KeepAlive::new()
+        .interval(app.events.settings().heartbeat)
+        .text("heartbeat");
+    Ok((
+        // Proxies that buffer responses (nginx) would hold events back.
+        [(
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        )],
+        Sse::new(events).keep_alive(keep_alive),
+    )
+        .into_response())
+}
+
+fn sse(event: StreamEvent) -> Event {
+    match event {
+        StreamEvent::Ready { cursor } => {
+            let data = serde_json::json!({ "cursor": cursor }).to_string();
+            Event::default().event("ready").id(cursor).data(data)
+        }
+        StreamEvent::Change { id, json } => Event::default().event("change").id(id).data(&*json),
+        StreamEvent::TokenExpired => Event::default()
+            .event("token-expired")
+            .data(r#"{"detail":"The token has expired: reconnect with a fresh one"}"#),
+    }
+}
+
+/// `Last-Event-ID`, else `?cursor=`: 422 when it is not a position issued to this user,
+/// 410 when it is too old.
+fn resume_point(
+    app: &AppState,
+    user: &str,
+    headers: &HeaderMap,
+    cursor: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<Position>, ApiError> {
+    // An empty `Last-Event-ID` is what `EventSource` means by "no last id".
+    let header = headers
+        .get(&LAST_EVENT_ID)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let (raw, loc): (&str, &'static [&'static str]) = match (header, cursor) {
+        (Some(id), _) => (id, &["header", "Last-Event-ID"]),
+        (None, Some(cursor)) => (cursor, &["query", "cursor"]),
+        (None, None) => return Ok(None),
+    };
+    match Position::open(&app.cursors, user, raw, now, app.sync_retention) {
+        Ok(position) => Ok(Some(position)),
+        Err(Refused::Expired) => Err(ApiError::CursorExpired),
+        Err(Refused::Malformed) => Err(ApiError::validation(FieldError::new(
+            loc,
+            "value_error",
+            "Value error, not an event id or cursor issued to this user",
+        ))),
+    }
+}
+
+/// The stream's query: `ticket` and `cursor`; the last of a repeated one counts, and
+/// anything else (an `access_token` included) is ignored.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EventsQuery {
+    ticket: Option<String>,
+    cursor: Option<String>,
+}
+
+impl EventsQuery {
+    fn parse(query: Option<&str>) -> Self {
+        let mut parsed = Self::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "ticket" => parsed.ticket = Some(value.into_owned()),
+                "cursor" => parsed.cursor = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        parsed
+    }
+}
+
+/// After a successful write to a user's tasks, wake their streams on every instance.
+pub async fn announce_writes(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && req.extensions().get::<MatchedPath>().is_some_and(|p| {
+            matches!(
+                p.as_str(),
+                "/api/{user_id}/tasks" | "/api/{user_id}/tasks/{task_id}"
+            )
+        });
+    let user = is_write
+        .then(|| path_segment(req.uri(), USER_ID_SEGMENT))
+        .flatten()
+        .and_then(|user| String::from_utf8(user.into_owned()).ok());
+    let response = next.run(req).await;
+    if let Some(user) = user
+        && response.status().is_success()
+    {
+        app.events.changed(&user);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_keeps_ticket_and_cursor_only() {
+        assert_eq!(EventsQuery::parse(None), EventsQuery::default());
+        assert_eq!(
+            EventsQuery::parse(Some("ticket=a&cursor=b&ticket=c&access_token=x&token=y")),
+            EventsQuery {
+                ticket: Some("c".into()),
+                cursor: Some("b".into())
+            }
+        );
+        assert_eq!(
+            EventsQuery::parse(Some("cursor=")).cursor.as_deref(),
+            Some("")
+        );
+    }
+}
