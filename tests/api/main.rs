@@ -18,3 +18,4 @@ mod postgres;
 mod tasks;
 mod tls;
 mod validation;
+mod events;

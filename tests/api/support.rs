@@ -639,3 +639,137 @@ macro_rules! on_both_databases {
         }
     };
 }
+
+/// One server-sent event as a client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// What waiting on a stream gave.
+#[derive(Debug)]
+pub enum Next {
+    Event(SseEvent),
+    /// The server ended the stream.
+    End,
+    /// Nothing within the wait.
+    Quiet,
+}
+
+/// A live event stream, read over real HTTP and parsed as the WHATWG rules say.
+pub struct EventClient {
+    response: reqwest::Response,
+    buffer: String,
+    /// Comment lines seen (heartbeats).
+    pub comments: usize,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl EventClient {
+    /// Opens `GET {base}{path}` with these headers: the stream, or the error reply.
+    pub async fn open(
+        base: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, (StatusCode, Value, reqwest::header::HeaderMap)> {
+        let mut request = reqwest::Client::new().get(format!("{base}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("the server answers");
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        let headers = response.headers().clone();
+        if status != StatusCode::OK {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err((
+                status,
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+                headers,
+            ));
+        }
+        assert_eq!(
+            headers.get("content-type").unwrap().to_str().unwrap(),
+            "text/event-stream"
+        );
+        Ok(Self {
+            response,
+            buffer: String::new(),
+            comments: 0,
+            headers,
+        })
+    }
+
+    /// Opens a stream with a bearer token for `user`, asserting it opened.
+    pub async fn bearer(base: &str, user: &str, token: &str, extra: &[(&str, &str)]) -> Self {
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend_from_slice(extra);
+        match Self::open(base, &format!("/api/{user}/events"), &headers).await {
+            Ok(client) => client,
+            Err((status, body, _)) => panic!("stream refused: {status} {body}"),
+        }
+    }
+
+    /// The next event within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(event) = self.parse_one() {
+                return Next::Event(event);
+            }
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Err(_) => return Next::Quiet,
+                Ok(Ok(Some(bytes))) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(Ok(None)) | Ok(Err(_)) => return Next::End,
+            }
+        }
+    }
+
+    /// The next event, which must come within 5 s.
+    pub async fn next(&mut self) -> SseEvent {
+        match self.next_within(Duration::from_secs(5)).await {
+            Next::Event(event) => event,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    /// Events until `wait` passes with none (or the stream ends).
+    pub async fn drain(&mut self, wait: Duration) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Next::Event(event) = self.next_within(wait).await {
+            out.push(event);
+        }
+        out
+    }
+
+    fn parse_one(&mut self) -> Option<SseEvent> {
+        loop {
+            let end = self.buffer.find("\n\n")?;
+            let block: String = self.buffer.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) = (String::from("message"), None, Vec::new());
+            for line in block.lines() {
+                if line.starts_with(':') {
+                    self.comments += 1;
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event = value.to_owned(),
+                    "id" => id = Some(value.to_owned()),
+                    "data" => data.push(value.to_owned()),
+                    _ => {}
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let data = data.join("\n");
+            let data = serde_json::from_str(&data)
+                .unwrap_or_else(|_| panic!("event data is not JSON: {data:?}"));
+            return Some(SseEvent { event, id, data });
+        }
+    }
+}
