@@ -24,8 +24,8 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::storage::{StoreError, TaskStore};
 use crate::sync::fanout::{EventSettings, Fanout};
-use tokio_util::sync::CancellationToken;
 use crate::tasks::BodyError;
+use tokio_util::sync::CancellationToken;
 
 mod changes;
 mod events;

@@ -59,7 +59,8 @@ impl Identity {
     /// The last instant the token is accepted: `exp` plus the skew allowance.
     pub fn valid_until(&self) -> chrono::DateTime<chrono::Utc> {
         let micros = (self.expires + LEEWAY_SECS as f64) * 1e6;
-        chrono::DateTime::from_timestamp_micros(micros as i64).unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+        chrono::DateTime::from_timestamp_micros(micros as i64)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
     }
 }
 

@@ -216,7 +216,8 @@ impl Statements {
                                WHERE deleted_at <= $1 AND (user_id, change_seq) IN (
                                    SELECT user_id, change_seq FROM task_tombstones
                                    WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)",
-            store_ticket: "INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
+            store_ticket:
+                "INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
                            VALUES ($1, $2, $3, $4)",
             // One statement: of two requests redeeming one ticket, only one deletes it.
             redeem_ticket: "DELETE FROM event_tickets

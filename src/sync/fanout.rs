@@ -204,7 +204,11 @@ impl Fanout {
 
     /// Wakes every pump: notifications may have been missed (the listener reconnected).
     pub fn wake_all(&self) {
-        let hubs: Vec<Arc<Hub>> = self.lock_hubs().values().filter_map(Weak::upgrade).collect();
+        let hubs: Vec<Arc<Hub>> = self
+            .lock_hubs()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
         for hub in hubs {
             hub.channel.wake.notify_one();
         }
@@ -305,7 +309,10 @@ impl Fanout {
 
     /// The number of users with open streams here (for tests and metrics).
     pub fn users_with_streams(&self) -> usize {
-        self.lock_hubs().values().filter(|w| w.strong_count() > 0).count()
+        self.lock_hubs()
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 }
 

@@ -123,7 +123,9 @@ async fn send_forever(
         let started = tokio::time::Instant::now();
         for payload in payloads(&instance, users) {
             if let Err(error) = store.notify(&channel, &payload).await {
-                throttle.warn(|| tracing::warn!(%error, "event fan-out: cannot notify other instances"));
+                throttle.warn(
+                    || tracing::warn!(%error, "event fan-out: cannot notify other instances"),
+                );
             }
         }
         tokio::time::sleep_until(started + MIN_NOTIFY_INTERVAL).await;
@@ -252,11 +254,12 @@ impl Listener {
         &self,
     ) -> Result<(mpsc::Receiver<Heard>, tokio::task::JoinHandle<()>), sqlx::Error> {
         let options = match &self.url {
-            Some(url) => url
-                .expose_secret()
-                .parse::<PgConnectOptions>()?
+            Some(url) => url.expose_secret().parse::<PgConnectOptions>()?,
+            None => self
+                .store
+                .connect_options()
+                .clone()
                 .application_name("task-api-listener"),
-            None => self.store.connect_options().clone(),
         };
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -313,7 +316,10 @@ struct Throttle {
 impl Throttle {
     fn warn(&mut self, log: impl FnOnce()) {
         let now = tokio::time::Instant::now();
-        if self.last.is_none_or(|last| now.duration_since(last) >= LOG_INTERVAL) {
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= LOG_INTERVAL)
+        {
             self.last = Some(now);
             log();
         }

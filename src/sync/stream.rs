@@ -89,7 +89,13 @@ impl EventStream {
             Some(from) => {
                 let page = within_deadline(store.changes(&user, from.counter, true, PAGE)).await?;
                 check(from, &page).map_err(OpenError::Refused)?;
-                (Position { issued: now, ..from }, Some(page))
+                (
+                    Position {
+                        issued: now,
+                        ..from
+                    },
+                    Some(page),
+                )
             }
         };
         let mut stream = Self {

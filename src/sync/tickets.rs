@@ -87,7 +87,10 @@ mod tests {
         let key = CursorKey::new(b"k");
         let now = DateTime::from_timestamp(1_000, 0).unwrap();
         let ticket = Ticket::issue("alice", now).unwrap();
-        assert_eq!(ticket.expires_at, DateTime::from_timestamp(1_060, 0).unwrap());
+        assert_eq!(
+            ticket.expires_at,
+            DateTime::from_timestamp(1_060, 0).unwrap()
+        );
         let sealed = ticket.seal(&key);
         assert_eq!(Ticket::open(&key, &sealed), Some(ticket.clone()));
         assert_eq!(Ticket::open(&CursorKey::new(b"other"), &sealed), None);
@@ -101,7 +104,12 @@ mod tests {
     fn cursors_and_garbage_are_not_tickets() {
         let key = CursorKey::new(b"k");
         let cursor = key.seal(Kind::Feed, "", &[], &[1; 30]);
-        for bad in [cursor.as_str(), "", "x", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+        for bad in [
+            cursor.as_str(),
+            "",
+            "x",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
             assert_eq!(Ticket::open(&key, bad), None, "{bad:?}");
         }
         // A sealed payload of the wrong layout.
