@@ -518,3 +518,68 @@ async fn postgres_a_following_client_ends_with_exactly_the_servers_tasks_across_
     )
     .await;
 }
+
+/// Several streams of one user open at once, on a hub that does not exist yet, while
+/// writes go on: whichever stream starts the hub's pump, each stream gets every change
+/// after its own starting point (a stream that read the feed before the pump's start
+/// reads the difference itself). Many rounds, a fresh user each.
+async fn streams_opening_together_each_get_every_change(app: TestApp) {
+    let app = Arc::new(app);
+    let server = app.serve().await;
+    for round in 0..8 {
+        let user = format!("crowd{round}");
+        let start = app
+            .call(Method::GET, &format!("/api/{user}/changes"), &user, None)
+            .await;
+        let cursor = start.json["cursor"].as_str().unwrap().to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (app, stop, user) = (app.clone(), stop.clone(), user.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    app.create(&user, &format!("t{n}")).await;
+                    n += 1;
+                }
+            })
+        };
+        let mut streams = Vec::new();
+        for _ in 0..6 {
+            let (base, token, user, cursor) = (
+                server.base_url.clone(),
+                app.token(&user),
+                user.clone(),
+                cursor.clone(),
+            );
+            streams.push(tokio::spawn(async move {
+                let mut stream =
+                    EventClient::bearer(&base, &user, &token, &[("last-event-id", &cursor)]).await;
+                assert_eq!(stream.next().await.event, "ready");
+                stream
+            }));
+        }
+        let mut opened = Vec::new();
+        for s in streams {
+            opened.push(s.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stop.store(true, Ordering::Relaxed);
+        writer.await.unwrap();
+        let expected = server_tasks(&app, &user).await;
+        let drained: Vec<_> = opened
+            .into_iter()
+            .map(|mut stream| {
+                tokio::spawn(async move { stream.drain(Duration::from_millis(400)).await })
+            })
+            .collect();
+        for events in drained {
+            let mut held = Mirror::default();
+            for event in events.await.unwrap() {
+                held.apply(&event);
+            }
+            assert_same(&held.tasks, &expected);
+        }
+    }
+}
+
+crate::on_both_databases!(streams_opening_together_each_get_every_change);
