@@ -496,3 +496,112 @@ async fn a_create_is_replayed_after_a_restart() {
     assert_eq!(list["count"], 1);
     assert!(terminate(&mut child).await.success());
 }
+
+/// Reads a stream's body until `needle` appears (or the stream ends); returns what came.
+async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle: &str) -> bool {
+    while !seen.contains(needle) {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(bytes))) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The last `id:` line of an event stream's text.
+fn last_event_id(seen: &str) -> String {
+    seen.lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .expect("an event id")
+        .to_owned()
+}
+
+/// SIGTERM ends open event streams at once (the drain does not wait for them, so the
+/// process exits long before its grace period), and after a restart a client resuming
+/// from its last event id gets what changed meanwhile.
+#[tokio::test]
+async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = [
+        ("PORT", port.to_string()),
+        ("LOG_FORMAT", "json".into()),
+        ("JWT_SECRET", "cli-test-secret".into()),
+    ];
+    let token = String::from_utf8(
+        run(task_api(dir.path())
+            .env("JWT_SECRET", "cli-test-secret")
+            .args(["token", "--user", "lap"]))
+        .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let base = format!("http://127.0.0.1:{port}/api/lap");
+    let client = reqwest::Client::new();
+    let create = |title: &'static str| {
+        client
+            .post(format!("{base}/tasks"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"title": "{title}"}}"#))
+            .send()
+    };
+
+    let (mut child, mut lines) = start(dir.path(), &env);
+    wait_for_log(&mut lines, "listening").await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut response = client
+            .get(format!("{base}/events"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut seen = String::new();
+        assert!(read_until(&mut response, &mut seen, "event: ready").await);
+        streams.push((response, seen));
+    }
+    assert_eq!(create("before the restart").await.unwrap().status(), 201);
+    for (response, seen) in &mut streams {
+        assert!(read_until(response, seen, "before the restart").await);
+    }
+    let resume_from = last_event_id(&streams[0].1);
+
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    for (response, _) in &mut streams {
+        // The body ends (no error from a dropped connection needed): within a second.
+        let end = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(Some(_)) = response.chunk().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "a stream was still open 1 s after SIGTERM");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits well within its 10 s grace period")
+        .unwrap();
+    assert!(status.success());
+    eprintln!("stopped with 3 open streams {:?} after SIGTERM", signalled.elapsed());
+
+    let (mut child, mut lines) = start(dir.path(), &env);
+    wait_for_log(&mut lines, "listening").await;
+    assert_eq!(create("after the restart").await.unwrap().status(), 201);
+    let mut response = client
+        .get(format!("{base}/events"))
+        .bearer_auth(&token)
+        .header("last-event-id", &resume_from)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    assert!(read_until(&mut response, &mut seen, "after the restart").await);
+    assert!(!seen.contains("before the restart"), "nothing repeated: {seen}");
+    drop(response);
+    assert!(terminate(&mut child).await.success());
+}

@@ -582,4 +582,40 @@ async fn streams_opening_together_each_get_every_change(app: TestApp) {
     }
 }
 
-crate::on_both_databases!(streams_opening_together_each_get_every_change);
+
+
+/// Headless Chromium: a native `EventSource` opened with a ticket sees a change made
+/// over HTTP, and after reconnecting with a fresh ticket and its last event id, the
+/// change it missed.
+async fn a_real_browser_follows_the_stream_with_a_ticket(app: TestApp) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Some(_) = crate::support::tool(
+        repo.join("tests/browser/node_modules/playwright-core"),
+        "npm ci --prefix tests/browser",
+    ) else {
+        return;
+    };
+    let Some(_) = crate::support::tool("/usr/bin/chromium".into(), "apt-get install chromium")
+    else {
+        return;
+    };
+    let server = app.serve().await;
+    let out = tokio::process::Command::new("node")
+        .arg(repo.join("tests/browser/events.mjs"))
+        .args([&server.base_url, &app.token("tab-user"), "tab-user"])
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+crate::on_both_databases!(
+    streams_opening_together_each_get_every_change,
+    a_real_browser_follows_the_stream_with_a_ticket,
+);
