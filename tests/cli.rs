@@ -572,7 +572,13 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
 
     let pid = child.id().unwrap().to_string();
     let signalled = std::time::Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     for (response, _) in &mut streams {
         // The body ends (no error from a dropped connection needed): within a second.
         let end = tokio::time::timeout(Duration::from_secs(1), async {
@@ -586,7 +592,10 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
         .expect("exits well within its 10 s grace period")
         .unwrap();
     assert!(status.success());
-    eprintln!("stopped with 3 open streams {:?} after SIGTERM", signalled.elapsed());
+    eprintln!(
+        "stopped with 3 open streams {:?} after SIGTERM",
+        signalled.elapsed()
+    );
 
     let (mut child, mut lines) = start(dir.path(), &env);
     wait_for_log(&mut lines, "listening").await;
@@ -601,7 +610,10 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
     assert_eq!(response.status(), 200);
     let mut seen = String::new();
     assert!(read_until(&mut response, &mut seen, "after the restart").await);
-    assert!(!seen.contains("before the restart"), "nothing repeated: {seen}");
+    assert!(
+        !seen.contains("before the restart"),
+        "nothing repeated: {seen}"
+    );
     drop(response);
     assert!(terminate(&mut child).await.success());
 }

@@ -79,7 +79,7 @@ async fn create_ticket(
 
 /// The user's changes as they happen, as server-sent events.
 #[utoipa::path(get, path = "/api/{user_id}/events", tag = "events", operation_id = "stream_events",
-    security(("bearerAuth" = []), ()),
+    security(("bearerAuth" = []), ("eventTicket" = [])),
     params(
         ("user_id" = String, Path, description = "The owner's user id"),
         ("ticket" = Option<String>, Query, description = "A ticket from `POST /api/{user_id}/events/tickets`, for clients that cannot send `Authorization` (the browser's `EventSource`); used up when the stream opens. Ignored when a bearer token is sent. A JWT is never accepted here"),

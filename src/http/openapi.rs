@@ -6,7 +6,7 @@
 //! and property-based testers know them. The patterns spell out exactly the characters
 //! `char::is_whitespace` treats as whitespace, because `\s` differs between regex dialects.
 
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::error::FieldError;
@@ -47,6 +47,13 @@ impl Modify for BearerAuth {
                         ))
                         .build(),
                 ),
+            );
+            components.add_security_scheme(
+                "eventTicket",
+                SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                    "ticket",
+                    "A ticket from POST /api/{user_id}/events/tickets: opens one event stream, once, within 60 s",
+                ))),
             );
         }
     }

@@ -396,6 +396,7 @@ async fn a_fresh_stream_starts_ready_then_sends_each_change_as_the_feed_gives_it
     let server = app.serve().await;
     let b = app.create("alice", "b").await;
     let c = app.create("alice", "c").await;
+    let d = app.create("alice", "d").await;
     let bobs = app.create("bob", "bob's").await;
 
     let mut stream = EventClient::bearer(&server.base_url, "alice", &app.token("alice"), &[]).await;
@@ -424,15 +425,25 @@ async fn a_fresh_stream_starts_ready_then_sends_each_change_as_the_feed_gives_it
     let (id3, third) = change(&mut stream).await;
     assert_delete(&third, &c);
 
+    let reply = app
+        .call(
+            Method::PUT,
+            &task_url(&d),
+            "alice",
+            Some(json!({"title": "d, replaced", "complete": true})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+    let (id4, fourth) = change(&mut stream).await;
+    assert_eq!(fourth, upsert(&reply.json));
+
     // Every id is a feed cursor: the feed after it gives exactly the later changes.
-    let all = vec![first, second, third];
+    let all = vec![first, second, third, fourth];
     assert_eq!(changes_after(&app, "alice", &start).await, all);
     assert_eq!(changes_after(&app, "alice", &id1).await, all[1..]);
     assert_eq!(changes_after(&app, "alice", &id2).await, all[2..]);
-    assert_eq!(
-        changes_after(&app, "alice", &id3).await,
-        Vec::<Value>::new()
-    );
+    assert_eq!(changes_after(&app, "alice", &id3).await, all[3..]);
+    assert!(changes_after(&app, "alice", &id4).await.is_empty());
 
     app.create("bob", "still not alice's").await;
     quiet(&mut stream).await;
@@ -1254,6 +1265,59 @@ async fn a_quiet_stream_gets_heartbeat_comments(backend: Backend) {
     assert_eq!(change(&mut stream).await.1, upsert(&t));
 }
 
+/// The pump re-reads the feed every heartbeat: a change no write announced (made
+/// straight in the database, or by an instance that died before its notification)
+/// still arrives.
+async fn a_change_nothing_announced_arrives_by_the_next_recheck(backend: Backend) {
+    let app = backend
+        .app(with_events(EventSettings {
+            heartbeat: Duration::from_millis(200),
+            ..EventSettings::default()
+        }))
+        .await;
+    let server = app.serve().await;
+    let task = app
+        .create("alice", "deleted behind the service's back")
+        .await;
+    let mut stream = EventClient::bearer(&server.base_url, "alice", &app.token("alice"), &[]).await;
+    ready(&mut stream).await;
+    let mut side = app.side_connection().await;
+    side.execute(&format!("DELETE FROM tasks WHERE id = {}", task["id"]))
+        .await;
+    let event = match stream.next_within(Duration::from_millis(1500)).await {
+        Next::Event(event) => event,
+        other => panic!("nothing within 1.5 s: {other:?}"),
+    };
+    assert_eq!(event.event, "change", "{event:?}");
+    assert_delete(&event.data, &task);
+}
+
+/// At shutdown every open stream ends at once, so its client reconnects elsewhere.
+async fn shutdown_closes_open_streams_at_once(backend: Backend) {
+    let closing = tokio_util::sync::CancellationToken::new();
+    let app = backend
+        .app(HttpOptions {
+            closing: closing.clone(),
+            ..HttpOptions::default()
+        })
+        .await;
+    let server = app.serve().await;
+    let mut streams = Vec::new();
+    for user in ["alice", "alice", "bob"] {
+        let mut stream = EventClient::bearer(&server.base_url, user, &app.token(user), &[]).await;
+        ready(&mut stream).await;
+        streams.push(stream);
+    }
+    closing.cancel();
+    for stream in &mut streams {
+        match stream.next_within(Duration::from_secs(1)).await {
+            Next::End => {}
+            other => panic!("expected the end of the stream, got {other:?}"),
+        }
+    }
+    until_open_streams(&app, 0).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 10. A stream that cannot keep up
 
@@ -1384,6 +1448,8 @@ on_both_backends!(
     an_instance_opens_only_so_many_streams,
     streams_do_not_count_against_the_cap_on_requests_in_progress,
     a_quiet_stream_gets_heartbeat_comments,
+    a_change_nothing_announced_arrives_by_the_next_recheck,
+    shutdown_closes_open_streams_at_once,
     a_stream_that_cannot_keep_up_is_closed_and_resumes_from_its_last_id,
     the_open_streams_gauge_follows_the_streams,
 );

@@ -582,8 +582,6 @@ async fn streams_opening_together_each_get_every_change(app: TestApp) {
     }
 }
 
-
-
 /// Headless Chromium: a native `EventSource` opened with a ticket sees a change made
 /// over HTTP, and after reconnecting with a fresh ticket and its last event id, the
 /// change it missed.
