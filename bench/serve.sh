@@ -15,7 +15,7 @@ export DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$work/bench.db}
 export PORT=$port HOST=127.0.0.1 RUST_LOG=${RUST_LOG:-warn}
 if [[ $DATABASE_URL == postgres* ]]; then
   # A clean table each run, so every run measures the same data.
-  psql "$DATABASE_URL" -q -c 'DROP TABLE IF EXISTS tasks, user_changes, idempotency_keys, task_tombstones, service_secrets, _sqlx_migrations; DROP FUNCTION IF EXISTS tasks_count_change, task_tombstones_note_purge' 2>/dev/null || true
+  psql "$DATABASE_URL" -q -c 'DROP TABLE IF EXISTS tasks, user_changes, idempotency_keys, task_tombstones, service_secrets, event_tickets, _sqlx_migrations; DROP FUNCTION IF EXISTS tasks_count_change, task_tombstones_note_purge' 2>/dev/null || true
 fi
 "$binary" > "$work/server.log" 2>&1 &
 server=$!
