@@ -78,8 +78,14 @@ fn process(pid: u32) -> (u64, u64, u64) {
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = rest.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + rest.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = rest
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + rest
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     (kib("VmRSS:"), kib("VmHWM:"), ticks)
 }
 
@@ -119,7 +125,13 @@ fn token(secret: &str, user: &str) -> String {
 }
 
 /// One stream: open it, then count change events and their latency until `stop`.
-async fn follow(base: String, user: String, token: String, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
+async fn follow(
+    base: String,
+    user: String,
+    token: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) {
     let address = base.trim_start_matches("http://").to_owned();
     let Ok(mut socket) = TcpStream::connect(&address).await else {
         stats.ended.fetch_add(1, Ordering::Relaxed);
@@ -184,7 +196,9 @@ async fn open_streams(
     stats: &Arc<Stats>,
     stop: &Arc<AtomicBool>,
 ) {
-    let tokens: Vec<String> = (0..users).map(|u| token(secret, &format!("ev{u}"))).collect();
+    let tokens: Vec<String> = (0..users)
+        .map(|u| token(secret, &format!("ev{u}")))
+        .collect();
     let gate = Arc::new(Semaphore::new(200));
     for i in 0..count {
         let permit = gate.clone().acquire_owned().await.unwrap();
@@ -244,7 +258,15 @@ async fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let (rss0, _, _) = process(args.pid_a);
     let opening = Instant::now();
-    open_streams(&args.a, args.streams, args.users, &args.secret, &stats, &stop).await;
+    open_streams(
+        &args.a,
+        args.streams,
+        args.users,
+        &args.secret,
+        &stats,
+        &stop,
+    )
+    .await;
     let opened = stats.ready.load(Ordering::Relaxed);
     println!(
         "opened {opened} of {} streams on A in {:.1} s ({} refused or closed)",
@@ -273,7 +295,15 @@ async fn main() {
             stop.store(false, Ordering::Relaxed);
             let stop = stop.clone();
             let (sa, sb) = (Stats::new(), Stats::new());
-            open_streams(&args.a, args.streams / 2, args.users, &args.secret, &sa, &stop).await;
+            open_streams(
+                &args.a,
+                args.streams / 2,
+                args.users,
+                &args.secret,
+                &sa,
+                &stop,
+            )
+            .await;
             open_streams(b, args.streams / 2, args.users, &args.secret, &sb, &stop).await;
             (sa, Some(sb))
         }
@@ -307,7 +337,15 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let per_user = args.streams / args.users;
     for (name, stats, streams) in [
-        ("A (the writes' instance)", Some(&stats_a), if args.b.is_some() { args.streams / 2 } else { args.streams }),
+        (
+            "A (the writes' instance)",
+            Some(&stats_a),
+            if args.b.is_some() {
+                args.streams / 2
+            } else {
+                args.streams
+            },
+        ),
         ("B (through NOTIFY)", stats_b.as_ref(), args.streams / 2),
     ] {
         let Some(stats) = stats else { continue };
@@ -326,7 +364,11 @@ async fn main() {
     let _ = per_user;
     if let Some(pid) = args.pid_b {
         let (rss, hwm, _) = process(pid);
-        println!("B: RSS {:.1} MiB, peak {:.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+        println!(
+            "B: RSS {:.1} MiB, peak {:.1} MiB",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
     }
     println!("failed writes: {}", failed.load(Ordering::Relaxed));
     stop.store(true, Ordering::Relaxed);

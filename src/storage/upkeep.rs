@@ -1,5 +1,5 @@
-//! Background upkeep, one loop per instance: forget expired idempotency keys and
-//! tombstones, and fold the search copies of tasks written by something other than this
+//! Background upkeep, one loop per instance: forget expired idempotency keys, tombstones
+//! and event tickets, and fold the search copies of tasks written by something other than this
 //! service. Each run does a bounded amount of work; what is left waits for the next run.
 //! Instances may run it at once: every step is one statement that is safe to repeat.
 
@@ -28,6 +28,7 @@ pub struct Done {
     pub keys: u64,
     pub tombstones: u64,
     pub refolded: u64,
+    pub tickets: u64,
 }
 
 /// Runs upkeep every [`purge_interval`] of the key TTL, until the process ends.
@@ -49,10 +50,14 @@ pub async fn run_once(store: &dyn TaskStore, upkeep: Upkeep) -> Result<Done, Sto
     let cutoff = remembered_since(now(), retention);
     let tombstones = batches(|| store.purge_tombstones(cutoff, PURGE_BATCH)).await?;
     let refolded = batches(|| store.refold(PURGE_BATCH)).await?;
+    // Expired event tickets (used ones are deleted when used).
+    let now = now();
+    let tickets = batches(|| store.purge_tickets(now, PURGE_BATCH)).await?;
     Ok(Done {
         keys,
         tombstones,
         refolded,
+        tickets,
     })
 }
 

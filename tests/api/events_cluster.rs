@@ -613,7 +613,53 @@ async fn a_real_browser_follows_the_stream_with_a_ticket(app: TestApp) {
     );
 }
 
+/// The upkeep purges expired tickets (used ones are deleted when used) and keeps live ones.
+async fn expired_tickets_are_purged(app: TestApp) {
+    let store = app.store();
+    let now = task_api::storage::now();
+    for (i, offset) in [-120i64, -61, 30, 59].into_iter().enumerate() {
+        let at = now + chrono::Duration::seconds(offset);
+        store
+            .store_ticket("pat", &[i as u8; 16], at, now + chrono::Duration::hours(1))
+            .await
+            .unwrap();
+    }
+    let upkeep = task_api::storage::upkeep::Upkeep {
+        idempotency_ttl: Duration::from_secs(3600),
+        sync_retention: Duration::from_secs(3600),
+    };
+    let done = task_api::storage::upkeep::run_once(store.as_ref(), upkeep)
+        .await
+        .unwrap();
+    assert_eq!(done.tickets, 2);
+    let mut side = app.side_connection().await;
+    assert_eq!(side.scalar("SELECT count(*) FROM event_tickets").await, 2);
+    // The live ones still redeem, once.
+    assert!(
+        store
+            .redeem_ticket("pat", &[2; 16], now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .redeem_ticket("pat", &[2; 16], now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .redeem_ticket("pat", &[0; 16], now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 crate::on_both_databases!(
+    expired_tickets_are_purged,
     streams_opening_together_each_get_every_change,
     a_real_browser_follows_the_stream_with_a_ticket,
 );
