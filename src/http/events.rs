@@ -49,6 +49,23 @@ pub struct TicketBody {
     pub expires_at: DateTime<Utc>,
 }
 
+/// `data` of `event: ready`: where the stream starts (also the event's `id`).
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"cursor": "AQAAAAAAAAAJAAAAAAAAAAkABmGTxzTRIxlJGpJnmKMxicrqzLAMQuk"}))]
+#[allow(dead_code)]
+pub struct StreamReady {
+    /// A feed cursor: the stream's changes are those after it.
+    pub cursor: String,
+}
+
+/// `data` of `event: token-expired`: the stream ends; reconnect with a fresh token.
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"detail": "The token has expired: reconnect with a fresh one"}))]
+#[allow(dead_code)]
+pub struct StreamTokenExpired {
+    pub detail: String,
+}
+
 /// A single-use ticket that opens one event stream, for clients that cannot send an
 /// `Authorization` header (the browser's `EventSource`).
 #[utoipa::path(post, path = "/api/{user_id}/events/tickets", tag = "events", operation_id = "create_event_ticket",
@@ -87,7 +104,8 @@ async fn create_ticket(
         ("Last-Event-ID" = Option<String>, Header, description = "Where to resume (what `EventSource` sends when it reconnects): an event id or a feed cursor"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`. First `event: ready` (`data: {\"cursor\": …}`, `id:` the same cursor: where the stream starts); then one `event: change` per committed change (`id:` the cursor just after it, `data:` one change-feed entry, see `Change`); a comment line at least every 30 s; `event: token-expired` (`data: {\"detail\": …}`) when the token stops being valid, and the stream ends. A stream that falls too far behind, or whose instance shuts down, is closed: resume from the last id", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events. First `event: ready` (`data`: `StreamReady`; `id`: the same cursor, where the stream starts); then one `event: change` per committed change (`id`: the cursor just after it; `data`: one change-feed entry, `Change`); a comment line at least every 30 s; `event: token-expired` (`data`: `StreamTokenExpired`) when the token stops being valid, and the stream ends. A stream that falls too far behind, or whose instance shuts down, is closed: resume from the last id", content_type = "text/event-stream", body = String,
+         example = json!("event: ready\nid: AQAAAAAAAAAJ…\ndata: {\"cursor\":\"AQAAAAAAAAAJ…\"}\n\nevent: change\nid: AQAAAAAAAAAK…\ndata: {\"type\":\"delete\",\"task_id\":7,\"deleted_at\":\"2026-01-01T10:01:00.000000Z\"}\n\n: heartbeat\n\n")),
         CursorExpired, AccessErrors, Invalid, StreamLimits))]
 async fn events(
     State(app): State<AppState>,
@@ -141,6 +159,11 @@ async fn events(
         (None, Some(until)) => until,
         (None, None) => return Err(ApiError::AuthMissing),
     };
+    if valid_until <= Utc::now() {
+        return Err(ApiError::AuthInvalid(
+            "The token that asked for this ticket has expired",
+        ));
+    }
     stream.valid_until(valid_until);
 
     let events = futures_util::stream::unfold(stream, |mut stream| async move {

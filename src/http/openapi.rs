@@ -19,7 +19,7 @@ use crate::tasks::{Task, TaskList};
         title = "Task API",
         description = "Tasks of a multi-user todo application. Every `/api` call needs a Better Auth JWT (or a token signed with the shared secret) whose user is the path's `user_id`.",
     ),
-    components(schemas(Task, TaskList, Feed, Change, super::events::TicketBody, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
+    components(schemas(Task, TaskList, Feed, Change, super::events::TicketBody, super::events::StreamReady, super::events::StreamTokenExpired, NewTaskBody, ReplaceTaskBody, PatchTaskBody, ErrorResponse, ValidationErrorResponse, FieldError, Health)),
     modifiers(&BearerAuth, &PatchNeedsAField),
     tags(
         (name = "tasks", description = "A user's tasks"),

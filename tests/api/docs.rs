@@ -168,7 +168,10 @@ async fn the_document_matches_the_router(app: TestApp) {
         assert!(names.contains(name), "list parameter {name}");
     }
     assert!(list["responses"]["200"]["headers"]["Link"].is_object());
-    assert!(schemas_have(&doc, &["Feed", "Change", "TicketBody"]));
+    assert!(schemas_have(
+        &doc,
+        &["Feed", "Change", "TicketBody", "StreamReady", "StreamTokenExpired"]
+    ));
     assert_eq!(
         doc["components"]["securitySchemes"]["eventTicket"],
         json!({"type": "apiKey", "in": "query", "name": "ticket", "description": "A ticket from POST /api/{user_id}/events/tickets: opens one event stream, once, within 60 s"})

@@ -634,6 +634,92 @@ async fn a_full_sync_then_a_stream_from_its_cursor_loses_nothing(backend: Backen
     assert_eq!(replica, server_tasks);
 }
 
+/// A cursor from the middle of a paged full sync (`has_more: true`) is a feed cursor
+/// too: a stream from it gives the rest of the sync, then live changes.
+async fn a_stream_from_a_cursor_in_the_middle_of_a_full_sync_completes_it(backend: Backend) {
+    let app = backend.default_app().await;
+    let server = app.serve().await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        tasks.push(app.create("alice", &format!("t{i}")).await);
+    }
+    let first = app
+        .call(Method::GET, "/api/alice/changes?limit=2", "alice", None)
+        .await;
+    assert_eq!(first.json["has_more"], true, "{}", first.json);
+    let mut replica: BTreeMap<i64, Value> = first.json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["task"]["id"].as_i64().unwrap(), c["task"].clone()))
+        .collect();
+    let cursor = first.json["cursor"].as_str().unwrap().to_owned();
+    delete(&app, &tasks[4]).await;
+
+    let path = format!("{}?cursor={}", events_path("alice"), encode(&cursor));
+    let token = format!("Bearer {}", app.token("alice"));
+    let mut stream = opened(&server.base_url, &path, &[("authorization", &token)]).await;
+    let resumed = ready(&mut stream).await;
+    let rest = changes_after(&app, "alice", &resumed).await;
+    assert_eq!(rest, changes_after(&app, "alice", &cursor).await);
+    let replay = changes(&mut stream, rest.len()).await;
+    let live = app.create("alice", "live").await;
+    let (_, last) = change(&mut stream).await;
+    assert_eq!(last, upsert(&live));
+    quiet(&mut stream).await;
+    for data in replay.iter().map(|(_, d)| d).chain([&last]) {
+        match data["type"].as_str() {
+            Some("upsert") => {
+                replica.insert(data["task"]["id"].as_i64().unwrap(), data["task"].clone());
+            }
+            _ => {
+                replica.remove(&data["task_id"].as_i64().unwrap());
+            }
+        }
+    }
+    let list = app
+        .call(Method::GET, "/api/alice/tasks", "alice", None)
+        .await;
+    let server_tasks: BTreeMap<i64, Value> = list.json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
+        .collect();
+    assert_eq!(replica, server_tasks);
+}
+
+/// A user id that a URL must encode: the stream (path decoded) and the writes' wake-ups
+/// agree on whose it is, so changes arrive at once, not at the next re-check.
+async fn a_user_whose_id_needs_encoding_gets_their_events(backend: Backend) {
+    let app = backend.default_app().await;
+    let server = app.serve().await;
+    for (user, in_path) in [
+        ("ann+tag@example.com", "ann%2Btag%40example.com"),
+        ("zoë", "zo%C3%AB"),
+    ] {
+        let bearer = format!("Bearer {}", app.token(user));
+        let path = format!("/api/{in_path}/events");
+        let mut stream = opened(&server.base_url, &path, &[("authorization", &bearer)]).await;
+        ready(&mut stream).await;
+        let reply = app
+            .call(
+                Method::POST,
+                &format!("/api/{in_path}/tasks"),
+                user,
+                Some(json!({"title": "mine"})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json);
+        assert_eq!(reply.json["user_id"], user);
+        // Well before the 15 s re-check.
+        match stream.next_within(Duration::from_secs(2)).await {
+            Next::Event(event) => assert_eq!(event.data, upsert(&reply.json)),
+            other => panic!("{user}: expected the change, got {other:?}"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Resume points that are refused
 
@@ -1323,15 +1409,22 @@ async fn shutdown_closes_open_streams_at_once(backend: Backend) {
 
 async fn a_stream_that_cannot_keep_up_is_closed_and_resumes_from_its_last_id(backend: Backend) {
     let app = backend.default_app().await;
+    let server = app.serve().await;
     // Opened, never read while the writes happen.
     let mut body = in_process_stream(&app, "alice", None).await.into_body();
-    // Far more separate batches than the 256 a stream may fall behind.
-    let writes = 400;
+    // Another stream of the same user, read after each write: so each write was
+    // broadcast in a batch of its own before the next (the pump cannot merge them), and
+    // a stream that keeps up is not closed.
+    let mut observer =
+        EventClient::bearer(&server.base_url, "alice", &app.token("alice"), &[]).await;
+    ready(&mut observer).await;
+    // More separate batches than the 256 a stream may fall behind.
+    let writes = 300;
     let mut created = BTreeSet::new();
     for i in 0..writes {
         let task = app.create("alice", &format!("t{i}")).await;
+        assert_eq!(change(&mut observer).await.1, upsert(&task));
         created.insert(task["id"].as_i64().unwrap());
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 
     let mut parser = SseText::default();
@@ -1368,7 +1461,7 @@ async fn a_stream_that_cannot_keep_up_is_closed_and_resumes_from_its_last_id(bac
     )
     .await;
     assert!(!ended);
-    assert_eq!(assert_ready(&events[0]).is_empty(), false);
+    assert_ready(&events[0]);
     let replayed: Vec<Value> = events[1..].iter().map(|e| e.data.clone()).collect();
     assert_eq!(replayed, expected);
     for data in &replayed {
@@ -1379,6 +1472,9 @@ async fn a_stream_that_cannot_keep_up_is_closed_and_resumes_from_its_last_id(bac
         );
     }
     assert_eq!(seen, created);
+    // The stream that kept up is still open and up to date.
+    let last = app.create("alice", "last").await;
+    assert_eq!(change(&mut observer).await.1, upsert(&last));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1433,6 +1529,8 @@ on_both_backends!(
     a_stream_resumed_with_a_cursor_replays_what_was_missed_then_goes_live,
     last_event_id_wins_over_the_cursor_query,
     a_full_sync_then_a_stream_from_its_cursor_loses_nothing,
+    a_stream_from_a_cursor_in_the_middle_of_a_full_sync_completes_it,
+    a_user_whose_id_needs_encoding_gets_their_events,
     a_resume_point_not_issued_to_this_user_is_422,
     an_expired_resume_point_is_410,
     the_stream_needs_a_bearer_header_and_never_takes_a_jwt_in_the_url,
