@@ -6,7 +6,7 @@
 //! A plain HTTP/1.1 client over raw sockets, so that 10,000 streams cost the client little
 //! and every byte the server sends is seen as it arrives.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use task_api::config::AuthConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 struct Args {
     a: String,
@@ -130,8 +131,10 @@ async fn follow(
     user: String,
     token: String,
     stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
+    opened: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut opened = Some(opened);
     let address = base.trim_start_matches("http://").to_owned();
     let Ok(mut socket) = TcpStream::connect(&address).await else {
         stats.ended.fetch_add(1, Ordering::Relaxed);
@@ -150,11 +153,11 @@ async fn follow(
     loop {
         let n = tokio::select! {
             n = socket.read(&mut chunk) => n,
-            () = async { while !stop.load(Ordering::Relaxed) { tokio::time::sleep(Duration::from_millis(100)).await } } => return,
+            () = stop.cancelled() => return,
         };
         let n = match n {
             Ok(0) | Err(_) => {
-                if !stop.load(Ordering::Relaxed) {
+                if !stop.is_cancelled() {
                     stats.ended.fetch_add(1, Ordering::Relaxed);
                 }
                 return;
@@ -169,6 +172,9 @@ async fn follow(
             if !ready && text.contains("event: ready") {
                 ready = true;
                 stats.ready.fetch_add(1, Ordering::Relaxed);
+                if let Some(opened) = opened.take() {
+                    let _ = opened.send(());
+                }
             } else if text.contains("event: change") {
                 let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
                     continue;
@@ -194,24 +200,21 @@ async fn open_streams(
     users: usize,
     secret: &str,
     stats: &Arc<Stats>,
-    stop: &Arc<AtomicBool>,
+    stop: &CancellationToken,
 ) {
     let tokens: Vec<String> = (0..users)
         .map(|u| token(secret, &format!("ev{u}")))
         .collect();
-    let gate = Arc::new(Semaphore::new(200));
+    let gate = Arc::new(Semaphore::new(100));
     for i in 0..count {
         let permit = gate.clone().acquire_owned().await.unwrap();
-        let (base, stats2, stop) = (base.to_owned(), stats.clone(), stop.clone());
+        let (base, stats, stop) = (base.to_owned(), stats.clone(), stop.clone());
         let (user, token) = (format!("ev{}", i % users), tokens[i % users].clone());
-        let target = stats.ready.load(Ordering::Relaxed);
-        tokio::spawn(follow(base, user, token, stats2.clone(), stop));
-        // Released once this stream is ready (or after a second).
+        let (opened, ready) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(base, user, token, stats, stop, opened));
+        // At most 100 connections opening at once (the listen backlog is finite).
         tokio::spawn(async move {
-            let until = Instant::now() + Duration::from_secs(1);
-            while stats2.ready.load(Ordering::Relaxed) <= target && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), ready).await;
             drop(permit);
         });
     }
@@ -255,7 +258,7 @@ async fn main() {
 
     // Phase 1: every stream on instance A, idle.
     let stats = Stats::new();
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let (rss0, _, _) = process(args.pid_a);
     let opening = Instant::now();
     open_streams(
@@ -290,10 +293,9 @@ async fn main() {
     // through A at a steady rate.
     let (stats_a, stats_b) = match &args.b {
         Some(b) => {
-            stop.store(true, Ordering::Relaxed);
+            stop.cancel();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            stop.store(false, Ordering::Relaxed);
-            let stop = stop.clone();
+            let stop = CancellationToken::new();
             let (sa, sb) = (Stats::new(), Stats::new());
             open_streams(
                 &args.a,
@@ -371,5 +373,5 @@ async fn main() {
         );
     }
     println!("failed writes: {}", failed.load(Ordering::Relaxed));
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
 }

@@ -511,8 +511,8 @@ async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle:
 /// The last `id:` line of an event stream's text.
 fn last_event_id(seen: &str) -> String {
     seen.lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("id: "))
         .expect("an event id")
         .to_owned()
 }

@@ -170,7 +170,13 @@ async fn the_document_matches_the_router(app: TestApp) {
     assert!(list["responses"]["200"]["headers"]["Link"].is_object());
     assert!(schemas_have(
         &doc,
-        &["Feed", "Change", "TicketBody", "StreamReady", "StreamTokenExpired"]
+        &[
+            "Feed",
+            "Change",
+            "TicketBody",
+            "StreamReady",
+            "StreamTokenExpired"
+        ]
     ));
     assert_eq!(
         doc["components"]["securitySchemes"]["eventTicket"],
