@@ -27,8 +27,9 @@ try {
   // Authorize with the bearer token.
   await page.locator(".scheme-container button.authorize").click();
   await page.locator(".modal-ux input").first().fill(token);
-  await page.locator(".modal-ux .auth-btn-wrapper button.authorize").click();
-  await page.locator(".modal-ux button.btn-done").click();
+  // The first scheme is bearerAuth (the second, eventTicket, is the event stream's).
+  await page.locator(".modal-ux .auth-btn-wrapper button.authorize").first().click();
+  await page.locator(".modal-ux button.btn-done").first().click();
 
   // Try "list tasks".
   const operation = page.locator("#operations-tasks-list_tasks");
