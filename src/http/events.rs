@@ -190,7 +190,7 @@ fn sse(event: StreamEvent) -> Event {
             let data = serde_json::json!({ "cursor": cursor }).to_string();
             Event::default().event("ready").id(cursor).data(data)
         }
-        StreamEvent::Change { id, json } => Event::default().event("change").id(id).data(&*json),
+        StreamEvent::Change { id, json } => Event::default().event("change").id(&*id).data(&*json),
         StreamEvent::TokenExpired => Event::default()
             .event("token-expired")
             .data(r#"{"detail":"The token has expired: reconnect with a fresh one"}"#),

@@ -20,7 +20,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Numbered;
+use super::{Numbered, Position};
+use chrono::{DateTime, Utc};
 use super::notify::{Listener, Notifier};
 use crate::cursors::CursorKey;
 use crate::storage::{StoreError, TaskStore, within_deadline};
@@ -67,20 +68,30 @@ impl Default for EventSettings {
     }
 }
 
-/// One entry of a batch: its number, and its feed entry as JSON.
+/// One entry of a batch: its number, its feed entry as JSON, and its event id, made once
+/// for every stream of the user.
 #[derive(Debug, Clone)]
 pub struct Serialized {
     pub seq: i64,
     pub json: Arc<str>,
+    /// The cursor just after this change, for a client whose floor is at most `seq` (every
+    /// stream but one resumed from the middle of a paged full sync).
+    pub id: Arc<str>,
 }
 
 impl Serialized {
-    pub fn of(change: &Numbered) -> Self {
+    pub fn of(change: &Numbered, key: &CursorKey, user: &str, issued: DateTime<Utc>) -> Self {
         // A feed entry is plain data: serializing it cannot fail.
         let json = serde_json::to_string(&change.change).unwrap_or_default();
+        let after = Position {
+            counter: change.seq,
+            floor: change.seq,
+            issued,
+        };
         Self {
             seq: change.seq,
             json: json.into(),
+            id: after.seal(key, user).into(),
         }
     }
 }
@@ -101,6 +112,7 @@ pub enum Batch {
 /// What a pump shares with the streams and the registry.
 struct Channel {
     user: String,
+    key: Arc<CursorKey>,
     batches: broadcast::Sender<Arc<Batch>>,
     wake: Notify,
     /// Where the pump reads from next; `None` until the first stream has read its replay.
@@ -127,6 +139,7 @@ pub enum Full {
 /// The fan-out of one instance.
 pub struct Fanout {
     store: Arc<dyn TaskStore>,
+    key: Arc<CursorKey>,
     settings: EventSettings,
     hubs: Mutex<HashMap<String, Weak<Hub>>>,
     slots: Arc<Semaphore>,
@@ -154,6 +167,7 @@ impl Fanout {
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             store,
+            key: Arc::new(key.clone()),
             slots: Arc::new(Semaphore::new(settings.max_streams)),
             settings,
             hubs: Mutex::new(HashMap::new()),
@@ -253,6 +267,7 @@ impl Fanout {
         let stop = self.closing.child_token();
         let channel = Arc::new(Channel {
             user: user.to_owned(),
+            key: self.key.clone(),
             batches: broadcast::channel(STREAM_BACKLOG).0,
             wake: Notify::new(),
             position: Mutex::new(None),
@@ -430,7 +445,12 @@ async fn read_new(channel: &Channel, store: &dyn TaskStore) -> Result<(), StoreE
             _ => page.marker,
         };
         if to > from {
-            let changes = page.changes.iter().map(Serialized::of).collect();
+            let issued = crate::storage::now();
+            let changes = page
+                .changes
+                .iter()
+                .map(|c| Serialized::of(c, &channel.key, &channel.user, issued))
+                .collect();
             *channel.position.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
             // No receiver: every stream left meanwhile.
             let _ = channel

@@ -29,7 +29,7 @@ pub enum StreamEvent {
     /// First, always: where the stream starts (also its `id`).
     Ready { cursor: String },
     /// One change; `id` is the cursor just after it.
-    Change { id: String, json: Arc<str> },
+    Change { id: Arc<str>, json: Arc<str> },
     /// The token stopped being valid: the stream ends.
     TokenExpired,
 }
@@ -185,7 +185,8 @@ impl EventStream {
         };
         let issued = storage::now();
         for change in &page.changes {
-            let event = self.change_event(&Serialized::of(change), issued);
+            let serialized = Serialized::of(change, &self.key, &self.user, issued);
+            let event = self.change_event(&serialized);
             self.pending.push_back(event);
         }
         self.position = end;
@@ -218,22 +219,27 @@ impl EventStream {
             self.reading = true;
             return;
         }
-        let issued = storage::now();
         for change in changes.iter().filter(|c| c.seq > self.position) {
-            let event = self.change_event(change, issued);
+            let event = self.change_event(change);
             self.pending.push_back(event);
         }
         self.position = *to;
     }
 
-    fn change_event(&self, change: &Serialized, issued: DateTime<Utc>) -> StreamEvent {
-        let after = Position {
-            counter: change.seq,
-            floor: self.floor.max(change.seq),
-            issued,
+    fn change_event(&self, change: &Serialized) -> StreamEvent {
+        let id = if self.floor <= change.seq {
+            change.id.clone()
+        } else {
+            // Resumed from the middle of a paged full sync: its floor stays in its ids.
+            let after = Position {
+                counter: change.seq,
+                floor: self.floor,
+                issued: storage::now(),
+            };
+            after.seal(&self.key, &self.user).into()
         };
         StreamEvent::Change {
-            id: after.seal(&self.key, &self.user),
+            id,
             json: change.json.clone(),
         }
     }
