@@ -94,6 +94,8 @@ struct Stats {
     ready: AtomicUsize,
     ended: AtomicUsize,
     latencies_ms: Mutex<Vec<f64>>,
+    /// (write number, when its event arrived)
+    arrivals: Mutex<Vec<(u64, chrono::DateTime<chrono::Utc>)>>,
     events: AtomicUsize,
 }
 
@@ -103,6 +105,7 @@ impl Stats {
             ready: AtomicUsize::new(0),
             ended: AtomicUsize::new(0),
             latencies_ms: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
             events: AtomicUsize::new(0),
         })
     }
@@ -186,6 +189,13 @@ async fn follow(
                     let at = chrono::DateTime::parse_from_rfc3339(at).unwrap().to_utc();
                     let ms = (received - at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                     stats.latencies_ms.lock().unwrap().push(ms);
+                }
+                if let Some(n) = change["task"]["title"]
+                    .as_str()
+                    .and_then(|t| t.strip_prefix('n'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    stats.arrivals.lock().unwrap().push((n, received));
                 }
                 stats.events.fetch_add(1, Ordering::Relaxed);
             }
@@ -313,12 +323,16 @@ async fn main() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     stats_a.latencies_ms.lock().unwrap().clear();
+    stats_a.arrivals.lock().unwrap().clear();
     stats_a.events.store(0, Ordering::Relaxed);
     let writes = args.rate * args.seconds;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     let started = Instant::now();
     let tokens: Vec<String> = tasks.iter().map(|(u, _)| token(&args.secret, u)).collect();
     let failed = Arc::new(AtomicUsize::new(0));
+    // When each write's response arrived (its commit is done by then), and how long it took.
+    let acks: Arc<Mutex<Vec<Option<(chrono::DateTime<chrono::Utc>, f64)>>>> =
+        Arc::new(Mutex::new(vec![None; writes as usize]));
     for n in 0..writes {
         tick.tick().await;
         let i = (n as usize * 7919) % tasks.len();
@@ -328,9 +342,13 @@ async fn main() {
             .bearer_auth(&tokens[i])
             .header("content-type", "application/json")
             .body(format!(r#"{{"title": "n{n}"}}"#));
-        let failed = failed.clone();
+        let (failed, acks) = (failed.clone(), acks.clone());
         tokio::spawn(async move {
-            if !request.send().await.is_ok_and(|r| r.status().is_success()) {
+            let sent = Instant::now();
+            if request.send().await.is_ok_and(|r| r.status().is_success()) {
+                let took = sent.elapsed().as_secs_f64() * 1000.0;
+                acks.lock().unwrap()[n as usize] = Some((chrono::Utc::now(), took));
+            } else {
                 failed.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -354,6 +372,23 @@ async fn main() {
         let mut l = stats.latencies_ms.lock().unwrap().clone();
         l.sort_by(f64::total_cmp);
         let expected = writes as usize * streams / args.users.max(1);
+        let acks = acks.lock().unwrap();
+        let mut after_ack: Vec<f64> = stats
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(n, at)| {
+                let (ack, _) = (*acks.get(*n as usize)?)?;
+                Some(((*at - ack).num_microseconds()? as f64 / 1000.0).max(0.0))
+            })
+            .collect();
+        after_ack.sort_by(f64::total_cmp);
+        println!(
+            "|   the same events, from the write's response (its commit done): p50 {:.1} ms, p99 {:.1} ms |",
+            percentile(&after_ack, 0.5),
+            percentile(&after_ack, 0.99)
+        );
         println!(
             "| {rate:.0} writes/s, streams on {name}: {streams} | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {} of {expected} events | {} streams dropped |",
             percentile(&l, 0.5),
@@ -364,6 +399,13 @@ async fn main() {
         );
     }
     let _ = per_user;
+    let mut write_ms: Vec<f64> = acks.lock().unwrap().iter().flatten().map(|(_, t)| *t).collect();
+    write_ms.sort_by(f64::total_cmp);
+    println!(
+        "| the writes themselves (PATCH, request to response) | p50 {:.1} ms | p99 {:.1} ms |",
+        percentile(&write_ms, 0.5),
+        percentile(&write_ms, 0.99)
+    );
     if let Some(pid) = args.pid_b {
         let (rss, hwm, _) = process(pid);
         println!(

@@ -148,10 +148,15 @@ impl PgTaskStore {
     }
 
     /// Sends `NOTIFY channel, payload` (delivered when it commits: at once, here).
+    ///
+    /// Its transaction commits without waiting for the disk (`synchronous_commit` off for
+    /// it alone): a notification needs no durability — a crash loses it only together
+    /// with the listeners that would have heard it — and waiting for a WAL flush would
+    /// add a disk round trip to every change's way to other instances.
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         conn.run(|conn| {
-            sqlx::query("SELECT pg_notify($1, $2)")
+            sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
                 .bind(channel)
                 .bind(payload)
                 .execute(conn)
