@@ -399,7 +399,13 @@ async fn main() {
         );
     }
     let _ = per_user;
-    let mut write_ms: Vec<f64> = acks.lock().unwrap().iter().flatten().map(|(_, t)| *t).collect();
+    let mut write_ms: Vec<f64> = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|(_, t)| *t)
+        .collect();
     write_ms.sort_by(f64::total_cmp);
     println!(
         "| the writes themselves (PATCH, request to response) | p50 {:.1} ms | p99 {:.1} ms |",

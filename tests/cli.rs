@@ -438,10 +438,9 @@ async fn sigterm_under_load_loses_no_acknowledged_write() {
     );
 }
 
-/// An `Idempotency-Key` outlives the process: after a restart, the repeat of a create is
-/// answered the first response and creates nothing.
-#[tokio::test]
-async fn a_create_is_replayed_after_a_restart() {
+/// A directory, a free port and the settings of a service with a shared secret, and a
+/// token for `user` that it accepts.
+fn with_secret(user: &str) -> (tempfile::TempDir, u16, [(&'static str, String); 3], String) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let env = [
@@ -452,12 +451,20 @@ async fn a_create_is_replayed_after_a_restart() {
     let token = String::from_utf8(
         run(task_api(dir.path())
             .env("JWT_SECRET", "cli-test-secret")
-            .args(["token", "--user", "phone"]))
+            .args(["token", "--user", user]))
         .stdout,
     )
     .unwrap()
     .trim()
     .to_owned();
+    (dir, port, env, token)
+}
+
+/// An `Idempotency-Key` outlives the process: after a restart, the repeat of a create is
+/// answered the first response and creates nothing.
+#[tokio::test]
+async fn a_create_is_replayed_after_a_restart() {
+    let (dir, port, env, token) = with_secret("phone");
     let url = format!("http://127.0.0.1:{port}/api/phone/tasks");
     let create = || {
         reqwest::Client::new()
@@ -522,22 +529,7 @@ fn last_event_id(seen: &str) -> String {
 /// from its last event id gets what changed meanwhile.
 #[tokio::test]
 async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let env = [
-        ("PORT", port.to_string()),
-        ("LOG_FORMAT", "json".into()),
-        ("JWT_SECRET", "cli-test-secret".into()),
-    ];
-    let token = String::from_utf8(
-        run(task_api(dir.path())
-            .env("JWT_SECRET", "cli-test-secret")
-            .args(["token", "--user", "lap"]))
-        .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
+    let (dir, port, env, token) = with_secret("lap");
     let base = format!("http://127.0.0.1:{port}/api/lap");
     let client = reqwest::Client::new();
     let create = |title: &'static str| {

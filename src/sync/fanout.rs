@@ -20,11 +20,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Numbered, Position};
-use chrono::{DateTime, Utc};
 use super::notify::{Listener, Notifier};
+use super::{Numbered, Position};
 use crate::cursors::CursorKey;
 use crate::storage::{StoreError, TaskStore, within_deadline};
+use chrono::{DateTime, Utc};
 
 /// Changes a pump reads per statement.
 const PUMP_PAGE: i64 = 500;

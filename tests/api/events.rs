@@ -317,24 +317,7 @@ impl SseText {
         let mut out = Vec::new();
         while let Some(end) = self.buffer.find("\n\n") {
             let block: String = self.buffer.drain(..end + 2).collect();
-            let (mut event, mut id, mut data) = (String::from("message"), None, Vec::new());
-            for line in block.lines() {
-                if line.starts_with(':') {
-                    continue;
-                }
-                let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                let value = value.strip_prefix(' ').unwrap_or(value);
-                match field {
-                    "event" => event = value.to_owned(),
-                    "id" => id = Some(value.to_owned()),
-                    "data" => data.push(value.to_owned()),
-                    _ => {}
-                }
-            }
-            if !data.is_empty() {
-                let data = serde_json::from_str(&data.join("\n")).unwrap();
-                out.push(SseEvent { event, id, data });
-            }
+            out.extend(crate::support::parse_sse_block(&block).0);
         }
         out
     }
@@ -570,18 +553,7 @@ async fn a_full_sync_then_a_stream_from_its_cursor_loses_nothing(backend: Backen
 
     // A full sync, in pages.
     let mut replica: BTreeMap<i64, Value> = BTreeMap::new();
-    let apply = |replica: &mut BTreeMap<i64, Value>, change: &Value| match change["type"].as_str() {
-        Some("upsert") => {
-            replica.insert(
-                change["task"]["id"].as_i64().unwrap(),
-                change["task"].clone(),
-            );
-        }
-        Some("delete") => {
-            replica.remove(&change["task_id"].as_i64().unwrap());
-        }
-        other => panic!("unknown change {other:?}"),
-    };
+    let apply = crate::support::apply_change;
     let mut cursor: Option<String> = None;
     loop {
         let uri = match &cursor {
@@ -621,17 +593,7 @@ async fn a_full_sync_then_a_stream_from_its_cursor_loses_nothing(backend: Backen
     }
     quiet(&mut stream).await;
 
-    let list = app
-        .call(Method::GET, "/api/alice/tasks", "alice", None)
-        .await;
-    assert_eq!(list.status, StatusCode::OK);
-    let server_tasks: BTreeMap<i64, Value> = list.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
-        .collect();
-    assert_eq!(replica, server_tasks);
+    assert_eq!(replica, crate::support::server_tasks(&app, "alice").await);
 }
 
 /// A cursor from the middle of a paged full sync (`has_more: true`) is a feed cursor
@@ -668,25 +630,9 @@ async fn a_stream_from_a_cursor_in_the_middle_of_a_full_sync_completes_it(backen
     assert_eq!(last, upsert(&live));
     quiet(&mut stream).await;
     for data in replay.iter().map(|(_, d)| d).chain([&last]) {
-        match data["type"].as_str() {
-            Some("upsert") => {
-                replica.insert(data["task"]["id"].as_i64().unwrap(), data["task"].clone());
-            }
-            _ => {
-                replica.remove(&data["task_id"].as_i64().unwrap());
-            }
-        }
+        crate::support::apply_change(&mut replica, data);
     }
-    let list = app
-        .call(Method::GET, "/api/alice/tasks", "alice", None)
-        .await;
-    let server_tasks: BTreeMap<i64, Value> = list.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
-        .collect();
-    assert_eq!(replica, server_tasks);
+    assert_eq!(replica, crate::support::server_tasks(&app, "alice").await);
 }
 
 /// A user id that a URL must encode: the stream (path decoded) and the writes' wake-ups

@@ -15,7 +15,9 @@ use task_api::sync::fanout::EventSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{EventClient, LiveServer, Next, SseEvent, TestApp, auth_config, postgres_url};
+use crate::support::{
+    EventClient, LiveServer, Next, SseEvent, TestApp, auth_config, postgres_url, server_tasks,
+};
 
 /// Options for an instance whose listener has a name of its own (so a test can find
 /// and kill exactly its connection), checking itself every `check`.
@@ -322,23 +324,16 @@ impl Mirror {
         );
         self.last_id = Some(id);
         self.events += 1;
-        match event.data["type"].as_str() {
-            Some("upsert") => {
-                let task = &event.data["task"];
-                let id = task["id"].as_i64().unwrap();
-                if let Some(held) = self.tasks.get(&id) {
-                    assert!(
-                        task["version"].as_i64() > held["version"].as_i64(),
-                        "an older or repeated state of task {id}: {task} after {held}"
-                    );
-                }
-                self.tasks.insert(id, task.clone());
+        if event.data["type"] == "upsert" {
+            let task = &event.data["task"];
+            if let Some(held) = self.tasks.get(&task["id"].as_i64().unwrap()) {
+                assert!(
+                    task["version"].as_i64() > held["version"].as_i64(),
+                    "an older or repeated state of a task: {task} after {held}"
+                );
             }
-            Some("delete") => {
-                self.tasks.remove(&event.data["task_id"].as_i64().unwrap());
-            }
-            other => panic!("unknown change type {other:?}"),
         }
+        crate::support::apply_change(&mut self.tasks, &event.data);
     }
 }
 
@@ -369,19 +364,6 @@ fn assert_same(held: &BTreeMap<i64, Value>, server: &BTreeMap<i64, Value>) {
             .collect::<Vec<_>>()
             .join("\n")
     );
-}
-
-async fn server_tasks(app: &TestApp, user: &str) -> BTreeMap<i64, Value> {
-    let reply = app
-        .call(Method::GET, &format!("/api/{user}/tasks"), user, None)
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    reply.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
-        .collect()
 }
 
 /// Writers change one user's tasks through `writers` while a client follows the stream

@@ -748,28 +748,69 @@ impl EventClient {
         loop {
             let end = self.buffer.find("\n\n")?;
             let block: String = self.buffer.drain(..end + 2).collect();
-            let (mut event, mut id, mut data) = (String::from("message"), None, Vec::new());
-            for line in block.lines() {
-                if line.starts_with(':') {
-                    self.comments += 1;
-                    continue;
-                }
-                let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                let value = value.strip_prefix(' ').unwrap_or(value);
-                match field {
-                    "event" => event = value.to_owned(),
-                    "id" => id = Some(value.to_owned()),
-                    "data" => data.push(value.to_owned()),
-                    _ => {}
-                }
+            let (event, comments) = parse_sse_block(&block);
+            self.comments += comments;
+            if let Some(event) = event {
+                return Some(event);
             }
-            if data.is_empty() {
-                continue;
-            }
-            let data = data.join("\n");
-            let data = serde_json::from_str(&data)
-                .unwrap_or_else(|_| panic!("event data is not JSON: {data:?}"));
-            return Some(SseEvent { event, id, data });
         }
     }
+}
+
+/// One block of an event stream (up to its blank line): the event, if it has data, and
+/// how many comment lines it held.
+pub fn parse_sse_block(block: &str) -> (Option<SseEvent>, usize) {
+    let (mut event, mut id, mut data) = (String::from("message"), None, Vec::new());
+    let mut comments = 0;
+    for line in block.lines() {
+        if line.starts_with(':') {
+            comments += 1;
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => event = value.to_owned(),
+            "id" => id = Some(value.to_owned()),
+            "data" => data.push(value.to_owned()),
+            _ => {}
+        }
+    }
+    if data.is_empty() {
+        return (None, comments);
+    }
+    let data = data.join("\n");
+    let data =
+        serde_json::from_str(&data).unwrap_or_else(|_| panic!("event data is not JSON: {data:?}"));
+    (Some(SseEvent { event, id, data }), comments)
+}
+
+/// Applies one change-feed entry to a client's tasks, as a client does.
+pub fn apply_change(held: &mut std::collections::BTreeMap<i64, Value>, change: &Value) {
+    match change["type"].as_str() {
+        Some("upsert") => {
+            held.insert(
+                change["task"]["id"].as_i64().unwrap(),
+                change["task"].clone(),
+            );
+        }
+        Some("delete") => {
+            held.remove(&change["task_id"].as_i64().unwrap());
+        }
+        other => panic!("unknown change type {other:?}"),
+    }
+}
+
+/// The user's tasks by id, as the list returns them.
+pub async fn server_tasks(app: &TestApp, user: &str) -> std::collections::BTreeMap<i64, Value> {
+    let reply = app
+        .call(Method::GET, &format!("/api/{user}/tasks"), user, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    reply.json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
+        .collect()
 }
