@@ -236,6 +236,9 @@ async fn open_streams(
     }
 }
 
+/// When a write's response arrived, and how long the write took (ms).
+type Ack = (chrono::DateTime<chrono::Utc>, f64);
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -331,8 +334,7 @@ async fn main() {
     let tokens: Vec<String> = tasks.iter().map(|(u, _)| token(&args.secret, u)).collect();
     let failed = Arc::new(AtomicUsize::new(0));
     // When each write's response arrived (its commit is done by then), and how long it took.
-    let acks: Arc<Mutex<Vec<Option<(chrono::DateTime<chrono::Utc>, f64)>>>> =
-        Arc::new(Mutex::new(vec![None; writes as usize]));
+    let acks: Arc<Mutex<Vec<Option<Ack>>>> = Arc::new(Mutex::new(vec![None; writes as usize]));
     for n in 0..writes {
         tick.tick().await;
         let i = (n as usize * 7919) % tasks.len();

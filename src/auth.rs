@@ -18,14 +18,78 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::AuthConfig;
 use crate::error::ApiError;
+use url::Url;
 
 pub mod claims;
 pub mod jwks;
 
 use claims::ClaimRules;
 pub use claims::Identity;
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/HS384/HS512 (`JWT_SECRET`, alias `BETTER_AUTH_SECRET`).
+    pub secret: Option<SecretString>,
+    /// `BETTER_AUTH_URL` as written: the Better Auth server, and by default the `iss` and
+    /// `aud` of its tokens.
+    pub better_auth_url: Option<String>,
+    /// The JWKS to fetch public keys from: `JWKS_URL`, else `<BETTER_AUTH_URL>/api/auth/jwks`.
+    pub jwks_url: Option<Url>,
+    /// Required `iss` (`JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (`JWT_AUDIENCE`, comma-separated); empty: `aud` not checked.
+    pub audience: Vec<String>,
+}
+
+impl AuthConfig {
+    /// No key of any kind: the service runs in development mode.
+    pub fn has_key(&self) -> bool {
+        self.secret.is_some() || self.jwks_url.is_some()
+    }
+
+    /// `iss`/`aud` rules for shared-secret tokens: only what is configured explicitly.
+    pub fn secret_rules(&self) -> ClaimRules {
+        ClaimRules {
+            issuers: self.issuer.iter().cloned().collect(),
+            audiences: self.audience.clone(),
+        }
+    }
+
+    /// `iss`/`aud` rules for JWKS tokens: `JWT_ISSUER`/`JWT_AUDIENCE`, else Better Auth's
+    /// defaults. Better Auth uses the origin of its base URL (`new URL(baseURL).origin`:
+    /// scheme, lower-case host, port only when not the default); the URL as written, with
+    /// or without a trailing slash, is accepted too.
+    pub fn jwks_rules(&self) -> ClaimRules {
+        let mut base: Vec<String> = Vec::new();
+        if let Some(url) = &self.better_auth_url {
+            let bare = url.trim_end_matches('/');
+            let origin = Url::parse(url)
+                .ok()
+                .map(|u| u.origin().ascii_serialization());
+            for accepted in origin
+                .into_iter()
+                .chain([bare.to_owned(), format!("{bare}/")])
+            {
+                if !base.contains(&accepted) {
+                    base.push(accepted);
+                }
+            }
+        }
+        ClaimRules {
+            issuers: match &self.issuer {
+                Some(issuer) => vec![issuer.clone()],
+                None => base.clone(),
+            },
+            audiences: if self.audience.is_empty() {
+                base
+            } else {
+                self.audience.clone()
+            },
+        }
+    }
+}
+
 use jwks::{ASYMMETRIC_ALGORITHMS, JwksCache, JwksSettings, KeyError};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.

@@ -8,9 +8,9 @@ use axum::http::HeaderValue;
 use secrecy::SecretString;
 use url::Url;
 
-use crate::auth::claims::ClaimRules;
+pub use crate::auth::AuthConfig;
+use crate::events::fanout::EventSettings;
 use crate::storage::PoolSettings;
-use crate::sync::fanout::EventSettings;
 use crate::tls::TlsFiles;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
@@ -50,69 +50,6 @@ pub enum CorsOrigins {
     /// `CORS_ORIGINS=*`: any origin (tokens travel in a header, never in cookies).
     Any,
     List(Vec<HeaderValue>),
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    /// Shared secret for HS256/HS384/HS512 (`JWT_SECRET`, alias `BETTER_AUTH_SECRET`).
-    pub secret: Option<SecretString>,
-    /// `BETTER_AUTH_URL` as written: the Better Auth server, and by default the `iss` and
-    /// `aud` of its tokens.
-    pub better_auth_url: Option<String>,
-    /// The JWKS to fetch public keys from: `JWKS_URL`, else `<BETTER_AUTH_URL>/api/auth/jwks`.
-    pub jwks_url: Option<Url>,
-    /// Required `iss` (`JWT_ISSUER`).
-    pub issuer: Option<String>,
-    /// Accepted `aud` values (`JWT_AUDIENCE`, comma-separated); empty: `aud` not checked.
-    pub audience: Vec<String>,
-}
-
-impl AuthConfig {
-    /// No key of any kind: the service runs in development mode.
-    pub fn has_key(&self) -> bool {
-        self.secret.is_some() || self.jwks_url.is_some()
-    }
-
-    /// `iss`/`aud` rules for shared-secret tokens: only what is configured explicitly.
-    pub fn secret_rules(&self) -> ClaimRules {
-        ClaimRules {
-            issuers: self.issuer.iter().cloned().collect(),
-            audiences: self.audience.clone(),
-        }
-    }
-
-    /// `iss`/`aud` rules for JWKS tokens: `JWT_ISSUER`/`JWT_AUDIENCE`, else Better Auth's
-    /// defaults. Better Auth uses the origin of its base URL (`new URL(baseURL).origin`:
-    /// scheme, lower-case host, port only when not the default); the URL as written, with
-    /// or without a trailing slash, is accepted too.
-    pub fn jwks_rules(&self) -> ClaimRules {
-        let mut base: Vec<String> = Vec::new();
-        if let Some(url) = &self.better_auth_url {
-            let bare = url.trim_end_matches('/');
-            let origin = Url::parse(url)
-                .ok()
-                .map(|u| u.origin().ascii_serialization());
-            for accepted in origin
-                .into_iter()
-                .chain([bare.to_owned(), format!("{bare}/")])
-            {
-                if !base.contains(&accepted) {
-                    base.push(accepted);
-                }
-            }
-        }
-        ClaimRules {
-            issuers: match &self.issuer {
-                Some(issuer) => vec![issuer.clone()],
-                None => base.clone(),
-            },
-            audiences: if self.audience.is_empty() {
-                base
-            } else {
-                self.audience.clone()
-            },
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +381,7 @@ fn parse_origin(origin: &str) -> Result<HeaderValue, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::claims::ClaimRules;
     use secrecy::ExposeSecret;
     use std::collections::HashMap;
 

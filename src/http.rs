@@ -21,9 +21,9 @@ use crate::auth::Verifier;
 use crate::config::CorsOrigins;
 use crate::cursors::CursorKey;
 use crate::error::ApiError;
+use crate::events::fanout::{EventSettings, Fanout};
 use crate::metrics::Metrics;
 use crate::storage::{StoreError, TaskStore};
-use crate::sync::fanout::{EventSettings, Fanout};
 use crate::tasks::BodyError;
 use tokio_util::sync::CancellationToken;
 

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod cursors;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod idempotency;
 pub mod lists;

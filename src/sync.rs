@@ -24,11 +24,6 @@
 
 use std::time::Duration;
 
-pub mod fanout;
-pub mod notify;
-pub mod stream;
-pub mod tickets;
-
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 

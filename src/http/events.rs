@@ -1,5 +1,5 @@
 //! The event stream (`GET /api/{user_id}/events`) and its tickets: who may open it, from
-//! where, and the SSE encoding. What the stream sends is `sync::stream`'s.
+//! where, and the SSE encoding. What the stream sends is `events::stream`'s.
 
 use std::convert::Infallible;
 
@@ -19,10 +19,10 @@ use super::extract::{Caller, USER_ID_SEGMENT, owns_path, path_segment};
 use super::openapi::{AccessErrors, CursorExpired, Invalid, StreamLimits};
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
+use crate::events::fanout::Full;
+use crate::events::stream::{EventStream, OpenError, StreamEvent};
+use crate::events::tickets::Ticket;
 use crate::storage::{self, within_deadline};
-use crate::sync::fanout::Full;
-use crate::sync::stream::{EventStream, OpenError, StreamEvent};
-use crate::sync::tickets::Ticket;
 use crate::sync::{Position, Refused};
 use crate::tasks::rfc3339_utc;
 

@@ -10,9 +10,9 @@ use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use task_api::auth::Verifier;
+use task_api::events::fanout::EventSettings;
+use task_api::events::tickets::Ticket;
 use task_api::http::HttpOptions;
-use task_api::sync::fanout::EventSettings;
-use task_api::sync::tickets::Ticket;
 use tokio::time::Instant;
 use tower::ServiceExt;
 

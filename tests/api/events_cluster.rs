@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
+use task_api::events::fanout::EventSettings;
 use task_api::http::HttpOptions;
-use task_api::sync::fanout::EventSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::fanout::{Batch, Received, Serialized, Subscription};
-use super::{ChangePage, Position, Refused, check};
 use crate::cursors::CursorKey;
 use crate::storage::{self, StoreError, TaskStore, within_deadline};
+use crate::sync::{ChangePage, Position, Refused, check};
 
 /// Changes read per statement during a replay or catch-up.
 const PAGE: i64 = 500;

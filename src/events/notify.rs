@@ -24,7 +24,6 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::fanout::Fanout;
 use crate::storage::PgTaskStore;
 
 /// At most one `NOTIFY` per this interval from one instance.
@@ -174,9 +173,17 @@ fn to_json(message: &Message) -> String {
     serde_json::to_string(message).unwrap_or_default()
 }
 
+/// What the listener wakes: this instance's per-user pumps (`fanout::Fanout`).
+pub trait Wake: Send + Sync {
+    /// The user's tasks changed on another instance.
+    fn wake(&self, user: &str);
+    /// Notifications may have been missed: every pump catches up.
+    fn wake_all(&self);
+}
+
 /// Hears every instance's notifications and wakes the pumps they concern.
 pub struct Listener {
-    pub fanout: Weak<Fanout>,
+    pub fanout: Weak<dyn Wake>,
     pub store: PgTaskStore,
     pub channel: String,
     /// This instance's id: its own notifications were already handled locally.

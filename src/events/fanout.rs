@@ -20,10 +20,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::notify::{Listener, Notifier};
-use super::{Numbered, Position};
+use super::notify::{Listener, Notifier, Wake};
 use crate::cursors::CursorKey;
 use crate::storage::{StoreError, TaskStore, within_deadline};
+use crate::sync::{Numbered, Position};
 use chrono::{DateTime, Utc};
 
 /// Changes a pump reads per statement.
@@ -303,8 +303,9 @@ impl Fanout {
                 .notifier()
                 .map(|n| n.instance().to_owned())
                 .unwrap_or_default();
+            let wakes: Arc<dyn Wake> = fanout;
             let listener = Listener {
-                fanout: Arc::downgrade(&fanout),
+                fanout: Arc::downgrade(&wakes),
                 store,
                 channel: self.channel_name.clone(),
                 instance,
@@ -328,6 +329,16 @@ impl Fanout {
             .values()
             .filter(|w| w.strong_count() > 0)
             .count()
+    }
+}
+
+impl Wake for Fanout {
+    fn wake(&self, user: &str) {
+        Fanout::wake(self, user);
+    }
+
+    fn wake_all(&self) {
+        Fanout::wake_all(self);
     }
 }
 
