@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::notify::{Listener, Notifier, Wake};
+use super::notify::{Listener, Notifier, Throttle, Wake};
 use crate::cursors::CursorKey;
 use crate::storage::{StoreError, TaskStore, within_deadline};
 use crate::sync::{Numbered, Position};
@@ -147,6 +147,9 @@ pub struct Fanout {
     /// pumps and the listener stop.
     closing: CancellationToken,
     open_streams: Gauge,
+    /// Pumps that cannot read the feed (the database is down) log once per interval
+    /// between them all, not once per user.
+    pump_failures: Arc<Mutex<Throttle>>,
     /// Tells other instances (PostgreSQL only; started on the first write).
     notifier: OnceLock<Option<Notifier>>,
     /// Hears other instances (PostgreSQL only; started with the first stream).
@@ -173,6 +176,7 @@ impl Fanout {
             hubs: Mutex::new(HashMap::new()),
             closing,
             open_streams,
+            pump_failures: Arc::default(),
             notifier: OnceLock::new(),
             listener: OnceLock::new(),
             channel_name: format!("task_api_{}", key.fingerprint()),
@@ -277,6 +281,7 @@ impl Fanout {
             self.store.clone(),
             self.settings.heartbeat,
             stop.clone(),
+            self.pump_failures.clone(),
         ));
         Arc::new(Hub {
             channel,
@@ -422,6 +427,7 @@ async fn pump(
     store: Arc<dyn TaskStore>,
     recheck: Duration,
     stop: CancellationToken,
+    failures: Arc<Mutex<Throttle>>,
 ) {
     let mut tick = tokio::time::interval(recheck);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -433,7 +439,10 @@ async fn pump(
         }
         if let Err(error) = read_new(&channel, store.as_ref()).await {
             // Kept for the next wake-up: the position did not move, so nothing is lost.
-            tracing::warn!(%error, "event fan-out: cannot read the change feed");
+            failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(|| tracing::warn!(%error, "event fan-out: cannot read the change feed"));
         }
     }
 }

@@ -316,12 +316,12 @@ impl Listener {
 
 /// Logs one kind of failure at most once per [`LOG_INTERVAL`].
 #[derive(Default)]
-struct Throttle {
+pub struct Throttle {
     last: Option<tokio::time::Instant>,
 }
 
 impl Throttle {
-    fn warn(&mut self, log: impl FnOnce()) {
+    pub fn warn(&mut self, log: impl FnOnce()) {
         let now = tokio::time::Instant::now();
         if self
             .last

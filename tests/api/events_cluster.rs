@@ -640,7 +640,54 @@ async fn expired_tickets_are_purged(app: TestApp) {
     );
 }
 
+/// With the default limits, a user's 21st open stream on an instance is refused 429 with
+/// `Retry-After`, and another user is not affected.
+async fn the_default_limit_refuses_a_users_21st_stream(app: TestApp) {
+    let server = app.serve().await;
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let mut stream = EventClient::bearer(&server.base_url, "max", &app.token("max"), &[]).await;
+        assert_eq!(stream.next().await.event, "ready");
+        open.push(stream);
+    }
+    let auth = format!("Bearer {}", app.token("max"));
+    let (status, body, headers) = EventClient::open(
+        &server.base_url,
+        "/api/max/events",
+        &[("authorization", &auth)],
+    )
+    .await
+    .err()
+    .expect("the 21st stream is refused");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error_code"], "RATE_LIMITED");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    let mut other = EventClient::bearer(&server.base_url, "min", &app.token("min"), &[]).await;
+    assert_eq!(other.next().await.event, "ready");
+    // A place freed is a place taken.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match EventClient::open(
+            &server.base_url,
+            "/api/max/events",
+            &[("authorization", &auth)],
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err((status, ..)) => {
+                assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+                assert!(Instant::now() < deadline, "no place freed within 2 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 crate::on_both_databases!(
+    the_default_limit_refuses_a_users_21st_stream,
     expired_tickets_are_purged,
     streams_opening_together_each_get_every_change,
     a_real_browser_follows_the_stream_with_a_ticket,
