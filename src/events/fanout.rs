@@ -188,10 +188,6 @@ impl Fanout {
         &self.settings
     }
 
-    pub fn store(&self) -> &Arc<dyn TaskStore> {
-        &self.store
-    }
-
     /// Resolves when the service is shutting down.
     pub fn closing(&self) -> CancellationToken {
         self.closing.clone()
@@ -326,14 +322,6 @@ impl Fanout {
         // A panic while holding this lock cannot leave the map inconsistent (every
         // change is one insert or remove).
         self.hubs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The number of users with open streams here (for tests and metrics).
-    pub fn users_with_streams(&self) -> usize {
-        self.lock_hubs()
-            .values()
-            .filter(|w| w.strong_count() > 0)
-            .count()
     }
 }
 

@@ -50,20 +50,18 @@ pub struct TicketBody {
 }
 
 /// `data` of `event: ready`: where the stream starts (also the event's `id`).
-#[derive(utoipa::ToSchema)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[schema(example = json!({"cursor": "AQAAAAAAAAAJAAAAAAAAAAkABmGTxzTRIxlJGpJnmKMxicrqzLAMQuk"}))]
-#[allow(dead_code)]
 pub struct StreamReady {
     /// A feed cursor: the stream's changes are those after it.
     pub cursor: String,
 }
 
 /// `data` of `event: token-expired`: the stream ends; reconnect with a fresh token.
-#[derive(utoipa::ToSchema)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[schema(example = json!({"detail": "The token has expired: reconnect with a fresh one"}))]
-#[allow(dead_code)]
 pub struct StreamTokenExpired {
-    pub detail: String,
+    pub detail: &'static str,
 }
 
 /// A single-use ticket that opens one event stream, for clients that cannot send an
@@ -187,14 +185,25 @@ async fn events(
 fn sse(event: StreamEvent) -> Event {
     match event {
         StreamEvent::Ready { cursor } => {
-            let data = serde_json::json!({ "cursor": cursor }).to_string();
+            let data = json_data(&StreamReady {
+                cursor: cursor.clone(),
+            });
             Event::default().event("ready").id(cursor).data(data)
         }
         StreamEvent::Change { id, json } => Event::default().event("change").id(&*id).data(&*json),
-        StreamEvent::TokenExpired => Event::default()
-            .event("token-expired")
-            .data(r#"{"detail":"The token has expired: reconnect with a fresh one"}"#),
+        StreamEvent::TokenExpired => {
+            Event::default()
+                .event("token-expired")
+                .data(json_data(&StreamTokenExpired {
+                    detail: "The token has expired: reconnect with a fresh one",
+                }))
+        }
     }
+}
+
+/// An event's data: its schema's JSON (plain strings: serializing cannot fail).
+fn json_data(data: &impl Serialize) -> String {
+    serde_json::to_string(data).unwrap_or_default()
 }
 
 /// `Last-Event-ID`, else `?cursor=`: 422 when it is not a position issued to this user,

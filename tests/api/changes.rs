@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use task_api::http::HttpOptions;
 
-use crate::support::{Reply, SideConnection, TestApp, auth_config};
+use crate::support::{Reply, SideConnection, TestApp, auth_config, server_tasks};
 
 async fn feed(app: &TestApp, user: &str, cursor: Option<&str>, limit: Option<u32>) -> Reply {
     let mut query = form_urlencoded::Serializer::new(String::new());
@@ -74,20 +74,6 @@ impl Replica {
             }
         }
     }
-}
-
-/// The user's tasks as the list gives them, by id.
-async fn server_tasks(app: &TestApp, user: &str) -> BTreeMap<i64, Value> {
-    let list = app
-        .call(Method::GET, &format!("/api/{user}/tasks"), user, None)
-        .await;
-    assert_eq!(list.status, StatusCode::OK);
-    list.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["id"].as_i64().unwrap(), t.clone()))
-        .collect()
 }
 
 fn url(task: &Value) -> String {

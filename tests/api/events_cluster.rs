@@ -617,27 +617,10 @@ async fn expired_tickets_are_purged(app: TestApp) {
     let mut side = app.side_connection().await;
     assert_eq!(side.scalar("SELECT count(*) FROM event_tickets").await, 2);
     // The live ones still redeem, once.
-    assert!(
-        store
-            .redeem_ticket("pat", &[2; 16], now)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        store
-            .redeem_ticket("pat", &[2; 16], now)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        store
-            .redeem_ticket("pat", &[0; 16], now)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    let redeems = async |id: u8| store.redeem_ticket("pat", &[id; 16], now).await.unwrap();
+    assert!(redeems(2).await.is_some());
+    assert!(redeems(2).await.is_none());
+    assert!(redeems(0).await.is_none());
 }
 
 /// With the default limits, a user's 21st open stream on an instance is refused 429 with
