@@ -10,7 +10,8 @@ use url::Url;
 
 pub use crate::auth::AuthConfig;
 use crate::events::fanout::EventSettings;
-use crate::storage::PoolSettings;
+use crate::limits::LimitSettings;
+use crate::storage::{PoolSettings, Pooler};
 use crate::tls::TlsFiles;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tasks.db";
@@ -78,6 +79,12 @@ pub struct Config {
     /// The event stream's limits and heartbeat (`MAX_STREAMS_PER_USER`, `MAX_STREAMS`,
     /// `EVENTS_HEARTBEAT`) and the listener's own connection (`DATABASE_DIRECT_URL`).
     pub events: EventSettings,
+    /// Rate limits (`RATE_LIMIT`, `RATE_LIMIT_WINDOW`, `AUTH_FAILURE_LIMIT`,
+    /// `TRUSTED_PROXIES`, `REDIS_URL`, `REDIS_KEY_PREFIX`).
+    pub limits: LimitSettings,
+    /// How long requests are still served after SIGTERM while `/health` answers 503
+    /// (`SHUTDOWN_DELAY`, default 0): set it to the load balancer's check interval.
+    pub shutdown_delay: std::time::Duration,
 }
 
 /// Enough to keep the database pool busy several times over, few enough that waiting
@@ -138,6 +145,8 @@ impl Config {
         };
         let pool = PoolSettings {
             max_connections,
+            pooler: pooler_config(&get, &database_url)?,
+            direct_url: get("DATABASE_DIRECT_URL").map(SecretString::from),
             ..PoolSettings::default()
         };
         let max_concurrent_requests = match get("MAX_CONCURRENT_REQUESTS") {
@@ -173,6 +182,20 @@ impl Config {
         };
 
         let events = events_config(&get)?;
+        let limits = limits_config(&get)?;
+        let shutdown_delay = match get("SHUTDOWN_DELAY") {
+            None => std::time::Duration::ZERO,
+            Some(v) if v.trim() == "0" => std::time::Duration::ZERO,
+            Some(v) => match parse_duration("SHUTDOWN_DELAY", &v)? {
+                d if d <= std::time::Duration::from_secs(300) => d,
+                _ => {
+                    return Err(ConfigError::new(
+                        "SHUTDOWN_DELAY",
+                        format!("at most 300s, got {v:?}"),
+                    ));
+                }
+            },
+        };
 
         let auth = auth_config(&get)?;
         if environment == Environment::Production && !auth.has_key() {
@@ -251,8 +274,129 @@ impl Config {
             idempotency_ttl,
             sync_retention,
             events,
+            limits,
+            shutdown_delay,
         })
     }
+}
+
+fn limits_config(get: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings, ConfigError> {
+    let count = |setting: &'static str, default: u32| match get(setting) {
+        None => Ok(default),
+        Some(n) => n
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= 1_000_000)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    setting,
+                    format!("expected a number from 0 (off) to 1000000, got {n:?}"),
+                )
+            }),
+    };
+    let quota = count("RATE_LIMIT", crate::limits::DEFAULT_RATE_LIMIT)?;
+    let window = match get("RATE_LIMIT_WINDOW") {
+        None => crate::limits::DEFAULT_RATE_LIMIT_WINDOW_SECS,
+        Some(v) => {
+            let trimmed = v.trim();
+            let parsed = trimmed
+                .parse::<u64>()
+                .map(std::time::Duration::from_secs)
+                .or_else(|_| humantime::parse_duration(trimmed));
+            match parsed {
+                Ok(d) if d.subsec_nanos() == 0 && (1..=86_400).contains(&d.as_secs()) => {
+                    d.as_secs() as u32
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        "RATE_LIMIT_WINDOW",
+                        format!(
+                            "expected whole seconds from 1s to 24h, such as 60s or 1m, got {v:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    let auth_failures = count(
+        "AUTH_FAILURE_LIMIT",
+        crate::limits::DEFAULT_AUTH_FAILURE_LIMIT,
+    )?;
+    let trusted_proxies = match get("TRUSTED_PROXIES") {
+        None => Vec::new(),
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        ConfigError::new(
+                            "TRUSTED_PROXIES",
+                            format!("expected addresses or networks such as 10.0.0.0/8, got {p:?}"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let redis_url = get("REDIS_URL").map(|v| v.trim().to_owned());
+    if let Some(url) = &redis_url {
+        // The value may hold a password: name the setting, not its value.
+        if !url.starts_with("redis://") || redis::Client::open(url.as_str()).is_err() {
+            return Err(ConfigError::new(
+                "REDIS_URL",
+                "expected a redis:// URL, such as redis://127.0.0.1:6379/0",
+            ));
+        }
+    }
+    Ok(LimitSettings {
+        user: crate::limits::Policy::new(quota, window),
+        auth_failures: crate::limits::Policy::new(
+            auth_failures,
+            crate::limits::AUTH_FAILURE_WINDOW_SECS,
+        ),
+        trusted_proxies,
+        redis_url: redis_url.map(SecretString::from),
+        redis_prefix: get("REDIS_KEY_PREFIX")
+            .map(|p| p.trim().to_owned())
+            .unwrap_or_else(|| crate::limits::DEFAULT_REDIS_PREFIX.into()),
+    })
+}
+
+/// `DATABASE_POOLER`: `none` (the default) or `transaction`, for a transaction-mode pooler
+/// such as PgBouncer's or Neon's `-pooler` endpoint. On PostgreSQL that mode needs
+/// `DATABASE_DIRECT_URL` as well: the migrations hold a session-level lock and the event
+/// fan-out LISTENs, and a transaction pooler keeps neither (the lock would stay on a
+/// server connection other clients share, and notifications would reach whichever client
+/// has it next).
+fn pooler_config(
+    get: &impl Fn(&str) -> Option<String>,
+    database_url: &str,
+) -> Result<Pooler, ConfigError> {
+    let pooler = match get("DATABASE_POOLER").as_deref().map(str::trim) {
+        None | Some("none") => Pooler::None,
+        Some("transaction") => Pooler::Transaction,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "DATABASE_POOLER",
+                format!("expected none or transaction, got {other:?}"),
+            ));
+        }
+    };
+    if pooler == Pooler::Transaction
+        && !database_url.starts_with("sqlite:")
+        && get("DATABASE_DIRECT_URL").is_none()
+    {
+        return Err(ConfigError::new(
+            "DATABASE_DIRECT_URL",
+            "DATABASE_POOLER=transaction needs a direct (unpooled) postgres:// URL as well, \
+             for the migrations and the event fan-out",
+        ));
+    }
+    Ok(pooler)
 }
 
 fn events_config(get: &impl Fn(&str) -> Option<String>) -> Result<EventSettings, ConfigError> {
@@ -489,6 +633,94 @@ mod tests {
             (
                 vec![("JWT_SECRET", "a"), ("BETTER_AUTH_SECRET", "b")],
                 "JWT_SECRET",
+            ),
+        ] {
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.setting, setting, "{vars:?}");
+            assert!(err.to_string().contains(setting));
+        }
+    }
+
+    #[test]
+    fn limit_settings() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.limits.user, crate::limits::Policy::new(1200, 60));
+        assert_eq!(c.limits.auth_failures, crate::limits::Policy::new(120, 60));
+        assert!(c.limits.redis_url.is_none() && c.limits.trusted_proxies.is_empty());
+        assert_eq!(c.shutdown_delay, std::time::Duration::ZERO);
+        let c = load(&[
+            ("RATE_LIMIT", "30"),
+            ("RATE_LIMIT_WINDOW", "1m"),
+            ("AUTH_FAILURE_LIMIT", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1,::1"),
+            ("REDIS_URL", "redis://:pw@127.0.0.1:6379/2"),
+            ("REDIS_KEY_PREFIX", "app1:"),
+            ("SHUTDOWN_DELAY", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits.user, crate::limits::Policy::new(30, 60));
+        assert_eq!(c.limits.auth_failures, None);
+        assert_eq!(c.limits.trusted_proxies.len(), 3);
+        assert!(
+            c.limits.trusted_proxies[1].contains(&"192.0.2.1".parse::<std::net::IpAddr>().unwrap())
+        );
+        assert_eq!(c.limits.redis_prefix, "app1:");
+        assert_eq!(c.shutdown_delay, std::time::Duration::from_secs(2));
+        assert!(!format!("{c:?}").contains(":pw@"));
+        assert_eq!(load(&[("RATE_LIMIT", "0")]).unwrap().limits.user, None);
+        assert_eq!(
+            load(&[("RATE_LIMIT_WINDOW", "90")]).unwrap().limits.user,
+            crate::limits::Policy::new(1200, 90)
+        );
+        for (name, value) in [
+            ("RATE_LIMIT", "-1"),
+            ("RATE_LIMIT", "lots"),
+            ("RATE_LIMIT_WINDOW", "1500ms"),
+            ("RATE_LIMIT_WINDOW", "0s"),
+            ("RATE_LIMIT_WINDOW", "2d"),
+            ("AUTH_FAILURE_LIMIT", "x"),
+            ("TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("TRUSTED_PROXIES", "proxy.local"),
+            ("REDIS_URL", "http://:secret@127.0.0.1"),
+            ("SHUTDOWN_DELAY", "soon"),
+            ("SHUTDOWN_DELAY", "1h"),
+        ] {
+            let err = load(&[(name, value)]).unwrap_err();
+            assert_eq!(err.setting, name, "{value}");
+            assert!(!err.to_string().contains("secret"));
+        }
+    }
+
+    #[test]
+    fn database_pooler_settings() {
+        const PG: (&str, &str) = ("DATABASE_URL", "postgres://u@pooler/db");
+        const DIRECT: (&str, &str) = ("DATABASE_DIRECT_URL", "postgres://u@direct/db");
+        let c = load(&[PG]).unwrap();
+        assert_eq!(c.pool.pooler, Pooler::None);
+        assert!(c.pool.direct_url.is_none());
+        let c = load(&[PG, ("DATABASE_POOLER", "none")]).unwrap();
+        assert_eq!(c.pool.pooler, Pooler::None);
+        let c = load(&[PG, ("DATABASE_POOLER", "transaction"), DIRECT]).unwrap();
+        assert_eq!(c.pool.pooler, Pooler::Transaction);
+        assert_eq!(
+            c.pool.direct_url.as_ref().map(|u| u.expose_secret()),
+            Some(DIRECT.1)
+        );
+        // The migrations use the direct URL whenever it is set.
+        let c = load(&[PG, DIRECT]).unwrap();
+        assert_eq!(
+            c.pool.direct_url.as_ref().map(|u| u.expose_secret()),
+            Some(DIRECT.1)
+        );
+        // SQLite has no pooler to speak of.
+        let c = load(&[("DATABASE_POOLER", "transaction")]).unwrap();
+        assert_eq!(c.pool.pooler, Pooler::Transaction);
+        for (vars, setting) in [
+            (vec![PG, ("DATABASE_POOLER", "session")], "DATABASE_POOLER"),
+            (vec![PG, ("DATABASE_POOLER", "yes")], "DATABASE_POOLER"),
+            (
+                vec![PG, ("DATABASE_POOLER", "transaction")],
+                "DATABASE_DIRECT_URL",
             ),
         ] {
             let err = load(&vars).unwrap_err();

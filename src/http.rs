@@ -22,6 +22,7 @@ use crate::config::CorsOrigins;
 use crate::cursors::CursorKey;
 use crate::error::ApiError;
 use crate::events::fanout::{EventSettings, Fanout};
+use crate::limits::{LimitSettings, Limits};
 use crate::metrics::Metrics;
 use crate::storage::{StoreError, TaskStore};
 use crate::tasks::BodyError;
@@ -57,6 +58,25 @@ pub struct AppState {
     pub sync_retention: Duration,
     /// Live updates: the streams open on this instance and their hubs.
     pub events: Arc<Fanout>,
+    /// The per-user and failed-authentication limits.
+    pub limits: Arc<Limits>,
+    /// Set once a shutdown has begun.
+    pub draining: Draining,
+}
+
+/// Whether the service is shutting down: from the signal on, `/health` answers 503 (load
+/// balancers stop routing here) while requests are still served for `SHUTDOWN_DELAY`.
+#[derive(Debug, Clone, Default)]
+pub struct Draining(Arc<std::sync::atomic::AtomicBool>);
+
+impl Draining {
+    pub fn begin(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl AppState {
@@ -80,6 +100,8 @@ impl AppState {
             cursors: Arc::new(cursors),
             sync_retention: crate::sync::DEFAULT_RETENTION,
             events,
+            limits: Arc::new(Limits::off()),
+            draining: Draining::default(),
         }
     }
 }
@@ -100,6 +122,11 @@ pub struct HttpOptions {
     pub events: EventSettings,
     /// Cancelled when the service begins to shut down: open event streams end at once.
     pub closing: CancellationToken,
+    /// Rate limits (`RATE_LIMIT`, `AUTH_FAILURE_LIMIT`, `REDIS_URL`, …).
+    pub limits: LimitSettings,
+    /// Set when a shutdown has begun: `/health` answers 503 so that load balancers stop
+    /// sending requests, and responses ask clients to close their connections.
+    pub draining: Draining,
 }
 
 impl Default for HttpOptions {
@@ -112,6 +139,8 @@ impl Default for HttpOptions {
             sync_retention: crate::sync::DEFAULT_RETENTION,
             events: EventSettings::default(),
             closing: CancellationToken::new(),
+            limits: LimitSettings::default(),
+            draining: Draining::default(),
         }
     }
 }
@@ -154,6 +183,22 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
         state.metrics.open_streams(),
         options.closing.child_token(),
     );
+    state.limits = Arc::new(
+        Limits::new(options.limits.clone(), state.metrics.limit_counters()).unwrap_or_else(
+            |error| {
+                // REDIS_URL was checked when the configuration was read; should the client
+                // still refuse it, limit each instance on its own rather than not at all.
+                tracing::error!(%error, "REDIS_URL: cannot use Redis; limits are per instance");
+                let settings = LimitSettings {
+                    redis_url: None,
+                    ..options.limits.clone()
+                };
+                Limits::new(settings, state.metrics.limit_counters())
+                    .unwrap_or_else(|_| Limits::off())
+            },
+        ),
+    );
+    state.draining = options.draining.clone();
     let (api, document) = tasks::router()
         .merge(changes::router())
         .merge(events::router())
@@ -165,8 +210,31 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
             state.clone(),
             events::announce_writes,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.limits.clone(),
+            crate::limits::headers,
+        ))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found);
+    let draining = options.draining.clone();
+    let router = router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let draining = draining.clone();
+            async move {
+                let http1 = request.version() <= axum::http::Version::HTTP_11;
+                let mut response = next.run(request).await;
+                // Keep-alive connections would keep this instance in use after the
+                // balancer has moved on: ask clients to reconnect (through the balancer).
+                if draining.is_set() && http1 {
+                    response.headers_mut().insert(
+                        header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        },
+    ));
     with_service_layers(router, options, state.metrics.clone()).with_state(state)
 }
 
@@ -219,10 +287,13 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> axum::response::Response 
 #[utoipa::path(get, path = "/health", tag = "service", operation_id = "health",
     responses(
         (status = 200, description = "The database answers", body = openapi::Health),
-        (status = 503, description = "The database does not answer within 2 s (`SERVICE_UNAVAILABLE`)",
+        (status = 503, description = "The database does not answer within 2 s, or the service is shutting down (`SERVICE_UNAVAILABLE`)",
          body = openapi::ErrorResponse, headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ))]
 async fn health(State(app): State<AppState>) -> Result<Json<openapi::Health>, ApiError> {
+    if app.draining.is_set() {
+        return Err(ApiError::Unavailable("Shutting down"));
+    }
     match tokio::time::timeout(HEALTH_TIMEOUT, app.store.ping()).await {
         Ok(Ok(())) => Ok(Json(openapi::Health {
             status: "ok".into(),

@@ -18,6 +18,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod idempotency;
+pub mod limits;
 pub mod lists;
 pub mod metrics;
 pub mod storage;
@@ -103,12 +104,25 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         sync_retention: config.sync_retention,
         events: config.events.clone(),
         closing: tokio_util::sync::CancellationToken::new(),
+        limits: config.limits.clone(),
+        draining: http::Draining::default(),
     };
-    let closing = options.closing.clone();
+    let (closing, draining) = (options.closing.clone(), options.draining.clone());
     let app = http::app(state, &options);
-    // Open event streams end at once: the drain then waits only for ordinary requests.
+    let delay = config.shutdown_delay;
     let shutdown = async move {
         shutdown_signal().await;
+        // First the balancer is told (`/health` 503) while requests are still served;
+        // then open event streams end at once, so the drain waits only for ordinary
+        // requests.
+        draining.begin();
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutting down: /health answers 503; still serving for SHUTDOWN_DELAY"
+            );
+            tokio::time::sleep(delay).await;
+        }
         closing.cancel();
     };
     match tls {
@@ -139,7 +153,7 @@ pub async fn serve_tls(
     });
     axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls_config())?
         .handle(handle)
-        .serve(app.into_make_service())
+        .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .await
 }
 
@@ -177,8 +191,17 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // The peer's address, for the failed-authentication limit.
+        let peer = axum::extract::ConnectInfo(stream.peer_addr().ok());
         let service = TowerToHyperService::new(app.clone().map_request(
-            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+            move |req: axum::http::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                if let axum::extract::ConnectInfo(Some(addr)) = peer {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(addr));
+                }
+                req
+            },
         ));
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -246,6 +269,8 @@ fn print_development_banner(
    curl -X POST {base}/api/{DEV_USER}/tasks -H \"Authorization: Bearer $TOKEN\" \\
         -H 'Content-Type: application/json' -d '{{\"title\": \"My first task\"}}'
    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/{DEV_USER}/tasks
+
+ Or in the browser: {base}/docs (Authorize, paste the token, try every call).
 ==============================================================================
 "
     );

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::limits::LimitCounters;
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
@@ -98,6 +99,7 @@ pub struct Metrics {
     pool_size: Gauge,
     pool_idle: Gauge,
     open_streams: Gauge,
+    limits: LimitCounters,
     store: Option<Arc<dyn TaskStore>>,
 }
 
@@ -152,6 +154,17 @@ impl Metrics {
             "Event streams open on this instance",
             open_streams.clone(),
         );
+        let limits = LimitCounters::default();
+        registry.register(
+            "rate_limited_requests",
+            "Requests refused by a limit (429), by kind: user, auth_failures, streams",
+            limits.limited.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Rate-limit calls to Redis that failed or ran over 50 ms (served unlimited)",
+            limits.redis_errors.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -167,6 +180,7 @@ impl Metrics {
             pool_size,
             pool_idle,
             open_streams,
+            limits,
             store,
         }
     }
@@ -174,6 +188,11 @@ impl Metrics {
     /// The gauge of open event streams (kept by the fan-out).
     pub fn open_streams(&self) -> Gauge {
         self.open_streams.clone()
+    }
+
+    /// The counters of the rate limits.
+    pub fn limit_counters(&self) -> LimitCounters {
+        self.limits.clone()
     }
 
     /// Records one answered request.

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
+use secrecy::SecretString;
 
 use crate::idempotency::{Claim, IdempotencyKey};
 use crate::lists::Listing;
@@ -179,6 +180,11 @@ pub struct PoolSettings {
     /// A connection idle longer than this is pinged before it is handed out, so one the
     /// server or a proxy closed meanwhile is replaced instead of failing a request.
     pub check_after_idle: Duration,
+    /// What sits between the service and PostgreSQL (`DATABASE_POOLER`); SQLite ignores it.
+    pub pooler: Pooler,
+    /// A direct connection to PostgreSQL, past any pooler (`DATABASE_DIRECT_URL`): the
+    /// migrations run on it when it is set, since they hold a session-level lock.
+    pub direct_url: Option<SecretString>,
 }
 
 impl Default for PoolSettings {
@@ -188,8 +194,25 @@ impl Default for PoolSettings {
             acquire_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_millis(1500),
             check_after_idle: Duration::from_secs(30),
+            pooler: Pooler::None,
+            direct_url: None,
         }
     }
+}
+
+/// What sits between the service and PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pooler {
+    /// Nothing, or a pooler that gives each client a server session of its own (PgBouncer
+    /// `pool_mode = session`): connections keep their settings and prepared statements.
+    #[default]
+    None,
+    /// A pooler that lends a server connection for one transaction at a time (PgBouncer
+    /// `pool_mode = transaction`, Neon's `-pooler` endpoint). The store then keeps no
+    /// session state: no per-connection settings and only unnamed statements, each store
+    /// call in a transaction of its own so that all of its messages reach one server
+    /// connection.
+    Transaction,
 }
 
 /// The longest any one database call may take, waiting for a connection included:

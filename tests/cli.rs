@@ -609,3 +609,64 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
     drop(response);
     assert!(terminate(&mut child).await.success());
 }
+
+/// `SHUTDOWN_DELAY`: from SIGTERM on, `/health` answers 503 at once while requests are
+/// still served (asking clients to close their connections) for the delay; then the
+/// listener closes and the process exits.
+#[tokio::test]
+async fn sigterm_with_a_shutdown_delay_fails_health_and_keeps_serving() {
+    let (dir, port, env, token) = with_secret("roll");
+    let mut env = env.to_vec();
+    env.push(("SHUTDOWN_DELAY", "2s".into()));
+    let (mut child, mut lines) = start(dir.path(), &env);
+    wait_for_log(&mut lines, "listening").await;
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let health = || client.get(format!("{base}/health")).send();
+    assert_eq!(health().await.unwrap().status(), 200);
+
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for_log(
+        &mut lines,
+        "shutting down: /health answers 503; still serving for SHUTDOWN_DELAY",
+    )
+    .await;
+    let reply = health().await.unwrap();
+    assert_eq!(reply.status(), 503);
+    let body: serde_json::Value = serde_json::from_slice(&reply.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error_code"], "SERVICE_UNAVAILABLE");
+    // Still served, on fresh connections, for the rest of the delay.
+    let mut served = 0;
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        let reply = client
+            .post(format!("{base}/api/roll/tasks"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(r#"{"title": "during the delay"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 201);
+        assert_eq!(reply.headers()["connection"], "close");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served >= 5, "{served}");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after the delay and the drain")
+        .unwrap();
+    assert!(status.success());
+    let stopped = signalled.elapsed();
+    assert!(stopped >= Duration::from_secs(2), "{stopped:?}");
+    // Afterwards nothing listens.
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+}

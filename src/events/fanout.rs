@@ -20,10 +20,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::notify::{Listener, Notifier, Throttle, Wake};
+use super::notify::{Listener, Notifier, Wake};
 use crate::cursors::CursorKey;
 use crate::storage::{StoreError, TaskStore, within_deadline};
 use crate::sync::{Numbered, Position};
+use crate::telemetry::Throttle;
 use chrono::{DateTime, Utc};
 
 /// Changes a pump reads per statement.
@@ -149,7 +150,7 @@ pub struct Fanout {
     open_streams: Gauge,
     /// Pumps that cannot read the feed (the database is down) log once per interval
     /// between them all, not once per user.
-    pump_failures: Arc<Mutex<Throttle>>,
+    pump_failures: Arc<Throttle>,
     /// Tells other instances (PostgreSQL only; started on the first write).
     notifier: OnceLock<Option<Notifier>>,
     /// Hears other instances (PostgreSQL only; started with the first stream).
@@ -415,7 +416,7 @@ async fn pump(
     store: Arc<dyn TaskStore>,
     recheck: Duration,
     stop: CancellationToken,
-    failures: Arc<Mutex<Throttle>>,
+    failures: Arc<Throttle>,
 ) {
     let mut tick = tokio::time::interval(recheck);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,10 +428,7 @@ async fn pump(
         }
         if let Err(error) = read_new(&channel, store.as_ref()).await {
             // Kept for the next wake-up: the position did not move, so nothing is lost.
-            failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .warn(|| tracing::warn!(%error, "event fan-out: cannot read the change feed"));
+            failures.warn(|| tracing::warn!(%error, "event fan-out: cannot read the change feed"));
         }
     }
 }

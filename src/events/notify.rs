@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::storage::PgTaskStore;
+use crate::telemetry::Throttle;
 
 /// At most one `NOTIFY` per this interval from one instance.
 pub const MIN_NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
@@ -34,8 +35,6 @@ const MAX_PAYLOAD_BYTES: usize = 7900;
 const MAX_PENDING_USERS: usize = 10_000;
 /// Between two failed attempts to connect the listener.
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
-/// Failures are logged at most this often (each kind).
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a notification carries.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -112,7 +111,7 @@ async fn send_forever(
     instance: String,
     stop: CancellationToken,
 ) {
-    let mut throttle = Throttle::default();
+    let throttle = Throttle::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -201,7 +200,7 @@ enum Heard {
 
 impl Listener {
     pub async fn run(self) {
-        let mut throttle = Throttle::default();
+        let throttle = Throttle::default();
         let mut ping = 0u64;
         loop {
             if self.closing.is_cancelled() || self.fanout.strong_count() == 0 {
@@ -310,25 +309,6 @@ impl Listener {
         }
         for user in &message.u {
             fanout.wake(user);
-        }
-    }
-}
-
-/// Logs one kind of failure at most once per [`LOG_INTERVAL`].
-#[derive(Default)]
-pub struct Throttle {
-    last: Option<tokio::time::Instant>,
-}
-
-impl Throttle {
-    pub fn warn(&mut self, log: impl FnOnce()) {
-        let now = tokio::time::Instant::now();
-        if self
-            .last
-            .is_none_or(|last| now.duration_since(last) >= LOG_INTERVAL)
-        {
-            self.last = Some(now);
-            log();
         }
     }
 }

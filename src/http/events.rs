@@ -4,7 +4,8 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, USER_ID_SEGMENT, owns_path, path_segment};
+use super::extract::{Caller, USER_ID_SEGMENT, authenticate, owns_path, path_segment};
 use super::openapi::{AccessErrors, CursorExpired, Invalid, StreamLimits};
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
@@ -105,35 +106,40 @@ async fn create_ticket(
         (status = 200, description = "Server-sent events. First `event: ready` (`data`: `StreamReady`; `id`: the same cursor, where the stream starts); then one `event: change` per committed change (`id`: the cursor just after it; `data`: one change-feed entry, `Change`); a comment line at least every 30 s; `event: token-expired` (`data`: `StreamTokenExpired`) when the token stops being valid, and the stream ends. A stream that falls too far behind, or whose instance shuts down, is closed: resume from the last id", content_type = "text/event-stream", body = String,
          example = json!("event: ready\nid: AQAAAAAAAAAJ…\ndata: {\"cursor\":\"AQAAAAAAAAAJ…\"}\n\nevent: change\nid: AQAAAAAAAAAK…\ndata: {\"type\":\"delete\",\"task_id\":7,\"deleted_at\":\"2026-01-01T10:01:00.000000Z\"}\n\n: heartbeat\n\n")),
         CursorExpired, AccessErrors, Invalid, StreamLimits))]
-async fn events(
-    State(app): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+async fn events(State(app): State<AppState>, parts: Parts) -> Result<Response, ApiError> {
+    let (uri, headers) = (&parts.uri, &parts.headers);
     let now = storage::now();
     let query = EventsQuery::parse(uri.query());
-    let (user, token_valid_until, ticket) = match bearer_token(&headers) {
-        Ok(token) => {
-            let identity = app.verifier.identify(token).await?;
+    let address = app.limits.client_address(&parts.extensions, headers);
+    let (user, token_valid_until, ticket) = match bearer_token(headers) {
+        Ok(_) => {
+            let identity = authenticate(&parts, &app).await?;
             let until = identity.valid_until();
             (identity.user, Some(until), None)
         }
         Err(ApiError::AuthMissing) => {
+            app.limits.check_address(address)?;
             let sealed = query.ticket.ok_or(ApiError::AuthMissing)?;
-            let ticket = Ticket::open(&app.cursors, &sealed)
-                .filter(|t| !t.expired(now))
-                .ok_or(ApiError::AuthInvalid(TICKET_REFUSED))?;
+            let Some(ticket) = Ticket::open(&app.cursors, &sealed).filter(|t| !t.expired(now))
+            else {
+                app.limits.failed_authentication(address).await?;
+                return Err(ApiError::AuthInvalid(TICKET_REFUSED));
+            };
+            app.limits.admit(&parts.extensions, &ticket.user).await?;
             (ticket.user.clone(), None, Some(ticket))
         }
         Err(other) => return Err(other),
     };
-    owns_path(&uri, &user)?;
-    let from = resume_point(&app, &user, &headers, query.cursor.as_deref(), now)?;
+    owns_path(uri, &user)?;
+    let from = resume_point(&app, &user, headers, query.cursor.as_deref(), now)?;
     let subscription = app.events.subscribe(&user).map_err(|full| match full {
-        Full::User => ApiError::RateLimited {
-            detail: "Too many open event streams for this user",
-            retry_after_secs: STREAMS_RETRY_AFTER_SECS,
-        },
+        Full::User => {
+            app.limits.counters().limited("streams");
+            ApiError::RateLimited {
+                detail: "Too many open event streams for this user",
+                retry_after_secs: STREAMS_RETRY_AFTER_SECS,
+            }
+        }
         Full::Instance => ApiError::Unavailable("Too many open event streams; retry shortly"),
     })?;
     let mut stream = EventStream::open(

@@ -46,13 +46,29 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let identity = state
-            .verifier
-            .identify(bearer_token(&parts.headers)?)
-            .await?;
+        let identity = authenticate(parts, state).await?;
         owns_path(&parts.uri, &identity.user)?;
         Ok(Self(identity))
     }
+}
+
+/// The bearer token's caller, in the contract's order: 429 while the client's address is
+/// over the failed-authentication limit (before any signature work), 401 (a failure is
+/// counted against the address), then the caller's own limit (429).
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, ApiError> {
+    let limits = &state.limits;
+    let address = limits.client_address(&parts.extensions, &parts.headers);
+    limits.check_address(address)?;
+    let identity = match state.verifier.identify(bearer_token(&parts.headers)?).await {
+        Ok(identity) => identity,
+        Err(refused @ ApiError::AuthInvalid(_)) => {
+            limits.failed_authentication(address).await?;
+            return Err(refused);
+        }
+        Err(other) => return Err(other),
+    };
+    limits.admit(&parts.extensions, &identity.user).await?;
+    Ok(identity)
 }
 
 /// 403 unless `user` is the path's `{user_id}`.

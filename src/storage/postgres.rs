@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
+use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Executor};
 
 use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
 use super::sql::{Backend, Dialect, Statements, impl_task_store};
-use super::{PoolSettings, PoolStatus, StoreError};
+use super::{PoolSettings, PoolStatus, Pooler, StoreError};
 use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
 use crate::versions::VersionGuard;
@@ -88,6 +89,9 @@ pub struct PgTaskStore {
     /// How the pool connects (the event listener connects the same way unless told
     /// otherwise).
     options: PgConnectOptions,
+    /// Whether statements are prepared under names and kept per connection (not behind
+    /// a transaction pooler).
+    named_statements: bool,
 }
 
 impl PgTaskStore {
@@ -102,43 +106,83 @@ impl PgTaskStore {
         options: PgConnectOptions,
         settings: &PoolSettings,
     ) -> Result<Self, sqlx::Error> {
-        // Migrations run on a connection of their own, without the statement timeout
-        // below: waiting for another instance's migration lock, or rewriting a large
-        // Stage 1 table, may well take longer than a request may.
-        let mut conn = tokio::time::timeout(STARTUP_CONNECT_TIMEOUT, options.connect())
+        let (options, session_setup, lifecycle) = match settings.pooler {
+            // One round trip when a connection opens. Every statement here is prepared
+            // once per connection and its best plan is the same whatever the parameters
+            // (an index lookup by owner or id), so the generic plan is kept: by default
+            // PostgreSQL re-plans the list statement on every execution, which costs more
+            // than running it.
+            Pooler::None => (
+                options,
+                Some(Arc::<str>::from(format!(
+                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
+                    settings.statement_timeout.as_millis()
+                ))),
+                Lifecycle::server(settings.check_after_idle),
+            ),
+            // A session setting would stay on whichever server connection it reached:
+            // each call's transaction sets the timeout for itself instead, in the round
+            // trip that opens it. (An unnamed statement is planned for its parameters
+            // each time: there is no plan to keep.) And a pooler refuses startup
+            // parameters it does not track (PgBouncer by default all but a few): this one
+            // only shapes floats in text results, which no statement here reads.
+            Pooler::Transaction => (
+                options.extra_float_digits(None),
+                None,
+                Lifecycle {
+                    transaction_per_call: Some(settings.statement_timeout),
+                    ..Lifecycle::server(settings.check_after_idle)
+                },
+            ),
+        };
+
+        // Migrations run on a connection of their own, without the statement timeout:
+        // waiting for another instance's migration lock, or rewriting a large Stage 1
+        // table, may well take longer than a request may. They hold a session-level
+        // advisory lock and prepare named statements, so they go past any pooler when a
+        // direct URL is given.
+        // Through a transaction pooler they would leave their statements' names on a
+        // shared server connection, and the next start would collide with them.
+        let migrations = match (&settings.direct_url, settings.pooler) {
+            (Some(url), _) => {
+                PgConnectOptions::from_str(url.expose_secret())?.application_name("task-api")
+            }
+            (None, Pooler::None) => options.clone(),
+            (None, Pooler::Transaction) => {
+                return Err(sqlx::Error::Configuration(
+                    "behind a transaction pooler the migrations need a direct URL \
+                     (DATABASE_DIRECT_URL)"
+                        .into(),
+                ));
+            }
+        };
+        let mut conn = tokio::time::timeout(STARTUP_CONNECT_TIMEOUT, migrations.connect())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         sqlx::migrate!("migrations/postgres").run(&mut conn).await?;
         conn.close().await?;
 
-        // One round trip when a connection opens. Every statement here is prepared once
-        // per connection and its best plan is the same whatever the parameters (an index
-        // lookup by owner or id), so the generic plan is kept: by default PostgreSQL
-        // re-plans the list statement on every execution, which costs more than running
-        // it.
-        let session_setup: Arc<str> = format!(
-            "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
-            settings.statement_timeout.as_millis()
-        )
-        .into();
         let pool_options = options.clone();
         let pool = Pool::new(
             Box::new(move || {
                 let (options, session_setup) = (options.clone(), session_setup.clone());
                 Box::pin(async move {
                     let mut conn = options.connect().await?;
-                    conn.execute(&*session_setup).await?;
+                    if let Some(setup) = session_setup {
+                        conn.execute(&*setup).await?;
+                    }
                     Ok(conn)
                 })
             }),
             settings.max_connections as usize,
             settings.acquire_timeout,
-            Lifecycle::server(settings.check_after_idle),
+            lifecycle,
             wait_histogram(),
         );
         Ok(Self {
             pool,
             options: pool_options,
+            named_statements: settings.pooler == Pooler::None,
         })
     }
 
@@ -155,11 +199,13 @@ impl PgTaskStore {
     /// add a disk round trip to every change's way to other instances.
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        conn.run(|conn| {
+        conn.run(async |conn| {
             sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+                .persistent(self.named_statements)
                 .bind(channel)
                 .bind(payload)
                 .execute(conn)
+                .await
         })
         .await?;
         Ok(())
@@ -193,8 +239,9 @@ impl PgTaskStore {
     ) -> Result<Option<Task>, StoreError> {
         let mut conn = self.write().await?;
         let row: Option<TaskRow> = conn
-            .run(|conn| {
+            .run(async |conn| {
                 sqlx::query_as(CLAIM_KEY_AND_CREATE)
+                    .persistent(self.named_statements)
                     .bind(user_id)
                     .bind(key.as_str())
                     .bind(task.title.as_str())
@@ -208,6 +255,7 @@ impl PgTaskStore {
                             .map(|d| crate::lists::fold(d.as_str())),
                     )
                     .fetch_optional(conn)
+                    .await
             })
             .await?;
         Ok(row.map(Task::from))
@@ -224,6 +272,10 @@ impl PgTaskStore {
 
 impl Backend for PgTaskStore {
     type Connection = PgConnection;
+
+    fn named_statements(&self) -> bool {
+        self.named_statements
+    }
 }
 
 impl_task_store!(PgTaskStore, "postgres");

@@ -355,7 +355,7 @@ fn list<D: Dialect>(shape: ListShape) -> String {
 /// `StoredKeyRow` (the rows above, with that type); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)`
 /// (values to bind); and inherent methods `read()`/`write()` (a pooled connection),
 /// `claim_key(..) -> Result<Option<Task>, StoreError>`, `status()`, `wait()`; plus
-/// [`Backend`] for the connection type.
+/// [`Backend`] (in scope) for the connection type and how statements are sent.
 ///
 /// Writes with `RETURNING` are read with `fetch_all`, never `fetch_one`/`fetch_optional`:
 /// SQLite runs its WAL auto-checkpoint only when a statement is stepped to its end, and
@@ -378,9 +378,10 @@ macro_rules! impl_task_store {
                     .limit
                     .map_or(i64::MAX, |limit| limit.saturating_add(1));
                 let rows = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         let shape = $crate::storage::sql::ListShape::of(listing);
                         let mut query = sqlx::query(SQL.list(shape))
+                            .persistent(self.named_statements())
                             .bind(user_id)
                             .bind(limit)
                             .bind(listing.offset);
@@ -396,7 +397,7 @@ macro_rules! impl_task_store {
                             Some(After::Instant(at, id)) => query.bind(*id).bind(to_instant(*at)),
                             Some(After::Title(title, id)) => query.bind(*id).bind(title.as_str()),
                         };
-                        query.fetch_all(conn)
+                        query.fetch_all(conn).await
                     })
                     .await?;
                 let mut page = $crate::storage::TaskPage {
@@ -430,7 +431,7 @@ macro_rules! impl_task_store {
                 // An up-to-date poll, the commonest call, reads the counter and nothing
                 // else. (Otherwise the statement below reads it again, in the snapshot
                 // of the changes.)
-                let marker = counter(&mut conn, user_id).await?;
+                let marker = counter(self, &mut conn, user_id).await?;
                 if marker <= since {
                     // (What was purged is never above the counter, so never above
                     // `since` here.)
@@ -442,13 +443,15 @@ macro_rules! impl_task_store {
                     });
                 }
                 let rows = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         sqlx::query(&SQL.changes)
+                            .persistent(self.named_statements())
                             .bind(user_id)
                             .bind(since)
                             .bind(limit.saturating_add(1))
                             .bind(deletions)
                             .fetch_all(conn)
+                            .await
                     })
                     .await?;
                 let mut page = $crate::sync::ChangePage {
@@ -484,7 +487,7 @@ macro_rules! impl_task_store {
                 user_id: &str,
             ) -> Result<i64, $crate::storage::StoreError> {
                 let mut conn = self.read().await?;
-                counter(&mut conn, user_id).await
+                counter(self, &mut conn, user_id).await
             }
 
             async fn create(
@@ -495,8 +498,9 @@ macro_rules! impl_task_store {
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
                 let rows: Vec<TaskRow> = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         sqlx::query_as(&SQL.create)
+                            .persistent(self.named_statements())
                             .bind(user_id)
                             .bind(task.title.as_str())
                             .bind(task.description.as_ref().map(|d| d.as_str()))
@@ -508,6 +512,7 @@ macro_rules! impl_task_store {
                                     .map(|d| $crate::lists::fold(d.as_str())),
                             )
                             .fetch_all(conn)
+                            .await
                     })
                     .await?;
                 match rows.into_iter().next() {
@@ -535,11 +540,13 @@ macro_rules! impl_task_store {
                     }
                     let mut conn = self.read().await?;
                     let stored: Option<StoredKeyRow> = conn
-                        .run(|conn| {
+                        .run(async |conn| {
                             sqlx::query_as(SQL.stored_key)
+                                .persistent(self.named_statements())
                                 .bind(user_id)
                                 .bind(key.as_str())
                                 .fetch_optional(conn)
+                                .await
                         })
                         .await?;
                     if let Some(stored) = stored {
@@ -558,7 +565,13 @@ macro_rules! impl_task_store {
                 // One statement either way: the owner is compared here, and another
                 // user's row is dropped before it can reach a response.
                 let row: Option<TaskRow> = conn
-                    .run(|conn| sqlx::query_as(&SQL.get).bind(id).fetch_optional(conn))
+                    .run(async |conn| {
+                        sqlx::query_as(&SQL.get)
+                            .persistent(self.named_statements())
+                            .bind(id)
+                            .fetch_optional(conn)
+                            .await
+                    })
                     .await?;
                 match row {
                     Some(row) if row.user_id == user_id => Ok(row.into()),
@@ -594,8 +607,9 @@ macro_rules! impl_task_store {
             ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
                 let rows: Vec<TaskRow> = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         sqlx::query_as(&SQL.patch)
+                            .persistent(self.named_statements())
                             .bind(id)
                             .bind(user_id)
                             .bind(patch.title.as_ref().map(|t| t.as_str()))
@@ -621,11 +635,12 @@ macro_rules! impl_task_store {
                                 }),
                             )
                             .fetch_all(conn)
+                            .await
                     })
                     .await?;
                 match rows.into_iter().next() {
                     Some(row) => Ok(row.into()),
-                    None => Err(explain_missing(&mut conn, id, user_id).await),
+                    None => Err(explain_missing(self, &mut conn, id, user_id).await),
                 }
             }
 
@@ -637,16 +652,18 @@ macro_rules! impl_task_store {
             ) -> Result<(), $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
                 let done = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         sqlx::query(&SQL.delete)
+                            .persistent(self.named_statements())
                             .bind(id)
                             .bind(user_id)
                             .bind(version_arg(guard))
                             .execute(conn)
+                            .await
                     })
                     .await?;
                 if done.rows_affected() == 0 {
-                    return Err(explain_missing(&mut conn, id, user_id).await);
+                    return Err(explain_missing(self, &mut conn, id, user_id).await);
                 }
                 Ok(())
             }
@@ -675,13 +692,15 @@ macro_rules! impl_task_store {
                 token_valid_until: chrono::DateTime<chrono::Utc>,
             ) -> Result<(), $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
-                conn.run(|conn| {
+                conn.run(async |conn| {
                     sqlx::query(SQL.store_ticket)
+                        .persistent(self.named_statements())
                         .bind(user_id)
                         .bind(ticket)
                         .bind(to_instant(expires_at))
                         .bind(to_instant(token_valid_until))
                         .execute(conn)
+                        .await
                 })
                 .await?;
                 Ok(())
@@ -696,12 +715,14 @@ macro_rules! impl_task_store {
                 use $crate::storage::sql::StoredInstant;
                 let mut conn = self.write().await?;
                 let valid_until: Option<Instant> = conn
-                    .run(|conn| {
+                    .run(async |conn| {
                         sqlx::query_scalar(SQL.redeem_ticket)
+                            .persistent(self.named_statements())
                             .bind(user_id)
                             .bind(ticket)
                             .bind(to_instant(now))
                             .fetch_optional(conn)
+                            .await
                     })
                     .await?;
                 Ok(valid_until.map(StoredInstant::utc))
@@ -722,21 +743,29 @@ macro_rules! impl_task_store {
             async fn refold(&self, limit: i64) -> Result<u64, $crate::storage::StoreError> {
                 let stale: Vec<(i64, String, String, Option<String>, i64)> = {
                     let mut conn = self.read().await?;
-                    conn.run(|conn| sqlx::query_as(SQL.unfolded).bind(limit).fetch_all(conn))
-                        .await?
+                    conn.run(async |conn| {
+                        sqlx::query_as(SQL.unfolded)
+                            .persistent(self.named_statements())
+                            .bind(limit)
+                            .fetch_all(conn)
+                            .await
+                    })
+                    .await?
                 };
                 let mut done = 0;
                 for (id, user_id, title, description, version) in stale {
                     let mut conn = self.write().await?;
                     let updated = conn
-                        .run(|conn| {
+                        .run(async |conn| {
                             sqlx::query(SQL.refold)
+                                .persistent(self.named_statements())
                                 .bind(user_id.as_str())
                                 .bind(id)
                                 .bind(version)
                                 .bind($crate::lists::fold(&title))
                                 .bind(description.as_deref().map($crate::lists::fold))
                                 .execute(conn)
+                                .await
                         })
                         .await?;
                     done += updated.rows_affected();
@@ -750,22 +779,36 @@ macro_rules! impl_task_store {
                 candidate: &[u8],
             ) -> Result<Vec<u8>, $crate::storage::StoreError> {
                 let mut conn = self.write().await?;
-                conn.run(|conn| {
+                conn.run(async |conn| {
                     sqlx::query(SQL.store_secret)
+                        .persistent(self.named_statements())
                         .bind(name)
                         .bind(candidate)
                         .execute(conn)
+                        .await
                 })
                 .await?;
                 let secret: Vec<u8> = conn
-                    .run(|conn| sqlx::query_scalar(SQL.secret).bind(name).fetch_one(conn))
+                    .run(async |conn| {
+                        sqlx::query_scalar(SQL.secret)
+                            .persistent(self.named_statements())
+                            .bind(name)
+                            .fetch_one(conn)
+                            .await
+                    })
                     .await?;
                 Ok(secret)
             }
 
             async fn ping(&self) -> Result<(), $crate::storage::StoreError> {
                 let mut conn = self.read().await?;
-                conn.run(|conn| sqlx::query(SQL.ping).execute(conn)).await?;
+                conn.run(async |conn| {
+                    sqlx::query(SQL.ping)
+                        .persistent(self.named_statements())
+                        .execute(conn)
+                        .await
+                })
+                .await?;
                 Ok(())
             }
 
@@ -784,16 +827,19 @@ macro_rules! impl_task_store {
 
         /// The user's change counter (0 before their first write): one index probe.
         async fn counter(
+            store: &$store,
             conn: &mut $crate::storage::pool::Tracked<
                 <$store as $crate::storage::sql::Backend>::Connection,
             >,
             user_id: &str,
         ) -> Result<i64, $crate::storage::StoreError> {
             let marker: Option<i64> = conn
-                .run(|conn| {
+                .run(async |conn| {
                     sqlx::query_scalar(SQL.change_marker)
+                        .persistent(store.named_statements())
                         .bind(user_id)
                         .fetch_optional(conn)
+                        .await
                 })
                 .await?;
             Ok(marker.unwrap_or(0))
@@ -808,11 +854,13 @@ macro_rules! impl_task_store {
         ) -> Result<u64, $crate::storage::StoreError> {
             let mut conn = store.write().await?;
             let done = conn
-                .run(|conn| {
+                .run(async |conn| {
                     sqlx::query(statement)
+                        .persistent(store.named_statements())
                         .bind(to_instant(cutoff))
                         .bind(limit)
                         .execute(conn)
+                        .await
                 })
                 .await?;
             Ok(done.rows_affected())
@@ -820,6 +868,7 @@ macro_rules! impl_task_store {
 
         /// Tells 404 from 403 from 412 after a write matched no row.
         async fn explain_missing(
+            store: &$store,
             conn: &mut $crate::storage::pool::Tracked<
                 <$store as $crate::storage::sql::Backend>::Connection,
             >,
@@ -827,10 +876,12 @@ macro_rules! impl_task_store {
             user_id: &str,
         ) -> $crate::storage::StoreError {
             let found = conn
-                .run(|conn| {
+                .run(async |conn| {
                     sqlx::query_as(SQL.owner_and_version)
+                        .persistent(store.named_statements())
                         .bind(id)
                         .fetch_optional(conn)
+                        .await
                 })
                 .await;
             match found {
@@ -843,7 +894,14 @@ macro_rules! impl_task_store {
 
 pub(crate) use impl_task_store;
 
-/// The connection type a store's pools hold (named in the shared code).
+/// The connection type a store's pools hold (named in the shared code), and how its
+/// statements are sent.
 pub trait Backend {
     type Connection;
+
+    /// Whether every statement is prepared under a name, once per connection, and kept
+    /// (sqlx's default): not behind a transaction pooler, whose server connections are
+    /// shared by every client, where names collide and only unnamed statements work.
+    /// Every statement of the shared code is sent `.persistent(this)`.
+    fn named_statements(&self) -> bool;
 }

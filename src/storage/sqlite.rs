@@ -128,7 +128,7 @@ impl SqliteTaskStore {
             Pool::new(connect(), 1, settings.acquire_timeout, file, wait.clone())
         };
         let mut conn = writer.get().await?;
-        conn.run(|conn| async {
+        conn.run(async |conn| {
             sqlx::migrate!("migrations/sqlite").run(conn).await?;
             Ok(())
         })
@@ -177,7 +177,7 @@ impl SqliteTaskStore {
             task.description.as_ref().map(|d| d.as_str()),
         );
         let created = conn
-            .run(|conn| async move {
+            .run(async move |conn| {
                 let mut tx = conn.begin().await?;
                 let rows: Vec<TaskRow> = sqlx::query_as(&SQL.create)
                     .bind(user_id)
@@ -229,6 +229,10 @@ impl SqliteTaskStore {
 
 impl Backend for SqliteTaskStore {
     type Connection = SqliteConnection;
+
+    fn named_statements(&self) -> bool {
+        true
+    }
 }
 
 impl_task_store!(SqliteTaskStore, "sqlite");

@@ -391,7 +391,7 @@ async fn require_if_match_answers_428_in_the_place_of_a_precondition(app: TestAp
     );
 }
 
-crate::on_both_databases!(
+crate::on_both_databases_and_pgbouncer!(
     versions_start_at_one_and_count_every_write,
     if_match_with_the_current_version_writes,
     if_match_with_another_version_is_412_and_changes_nothing,
@@ -481,6 +481,15 @@ mod concurrent {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_one_winner_per_if_match_across_two_instances() {
         let Some(app) = TestApp::postgres().await else {
+            return;
+        };
+        let peer = app.second_instance(&HttpOptions::default()).await;
+        one_winner_per_if_match(app, Some(peer)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pgbouncer_one_winner_per_if_match_across_two_instances() {
+        let Some(app) = TestApp::pgbouncer().await else {
             return;
         };
         let peer = app.second_instance(&HttpOptions::default()).await;

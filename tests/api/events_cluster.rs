@@ -66,6 +66,23 @@ async fn a_write_on_one_instance_reaches_a_stream_on_another_within_a_second() {
     let Some((a, b)) = two_instances(None, Duration::from_secs(5)).await else {
         return;
     };
+    writes_reach_streams_on_the_other_instance(a, b).await;
+}
+
+/// Behind PgBouncer in transaction mode: notifications are sent through it (each in a
+/// call's transaction), and each instance listens on the direct URL.
+#[tokio::test]
+async fn pgbouncer_a_write_on_one_instance_reaches_a_stream_on_another_within_a_second() {
+    let check = Duration::from_secs(5);
+    let Some(a) = TestApp::pgbouncer_with_options(auth_config(), &options(None, check)).await
+    else {
+        return;
+    };
+    let b = a.second_instance(&options(None, check)).await;
+    writes_reach_streams_on_the_other_instance(a, b).await;
+}
+
+async fn writes_reach_streams_on_the_other_instance(a: TestApp, b: TestApp) {
     let (server_a, server_b) = (a.serve().await, b.serve().await);
     let mut on_b = EventClient::bearer(&server_b.base_url, "ann", &b.token("ann"), &[]).await;
     assert_eq!(on_b.next().await.event, "ready");

@@ -271,7 +271,7 @@ async fn the_purge_deletes_forgotten_keys_oldest_first_in_bounded_batches(app: T
     );
 }
 
-crate::on_both_databases!(
+crate::on_both_databases_and_pgbouncer!(
     a_repeat_is_answered_the_first_response_and_creates_nothing,
     an_absent_description_is_the_same_request_as_null,
     the_same_key_with_another_request_is_422,
@@ -335,6 +335,15 @@ mod concurrent {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_one_task_per_key_across_two_instances() {
         let Some(app) = TestApp::postgres().await else {
+            return;
+        };
+        let peer = app.second_instance(&HttpOptions::default()).await;
+        one_task_per_key(vec![app, peer]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pgbouncer_one_task_per_key_across_two_instances() {
+        let Some(app) = TestApp::pgbouncer().await else {
             return;
         };
         let peer = app.second_instance(&HttpOptions::default()).await;

@@ -1,4 +1,5 @@
-//! Every rule of the contract, over HTTP, on SQLite and on PostgreSQL.
+//! Every rule of the contract, over HTTP, on SQLite and on PostgreSQL (directly, and
+//! through PgBouncer in transaction mode).
 
 mod support;
 
@@ -13,9 +14,11 @@ mod hardening;
 mod hostile;
 mod idempotency;
 mod jwks;
+mod limits;
 mod lists;
 mod metrics;
 mod operations;
+mod pgbouncer;
 mod postgres;
 mod tasks;
 mod tls;

@@ -193,9 +193,10 @@ async fn works_over_tls_with_sslmode_require() {
         .unwrap();
     let mut conn = store.pool().get().await.unwrap();
     let on_tls: bool = conn
-        .run(|c| {
+        .run(async |c| {
             sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
                 .fetch_one(c)
+                .await
         })
         .await
         .unwrap();
@@ -226,18 +227,26 @@ async fn every_connection_carries_a_statement_timeout_and_keeps_generic_plans() 
     let store = store_on(&schema, 1, |s| s).await;
     let mut conn = store.pool().get().await.unwrap();
     let timeout: String = conn
-        .run(|c| sqlx::query_scalar("SHOW statement_timeout").fetch_one(c))
+        .run(async |c| {
+            sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(c)
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(timeout, "1500ms");
     let plans: String = conn
-        .run(|c| sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(c))
+        .run(async |c| {
+            sqlx::query_scalar("SHOW plan_cache_mode")
+                .fetch_one(c)
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(plans, "force_generic_plan");
     // A statement past it is cancelled by the server.
     let slow = conn
-        .run(|c| sqlx::query("SELECT pg_sleep(3)").execute(c))
+        .run(async |c| sqlx::query("SELECT pg_sleep(3)").execute(c).await)
         .await;
     assert!(slow.unwrap_err().to_string().contains("statement timeout"));
 }
@@ -260,9 +269,13 @@ async fn store_on(
 /// The server process behind a pooled connection.
 async fn backend_pid(store: &PgTaskStore) -> i32 {
     let mut conn = store.pool().get().await.unwrap();
-    conn.run(|c| sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c))
-        .await
-        .unwrap()
+    conn.run(async |c| {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(c)
+            .await
+    })
+    .await
+    .unwrap()
 }
 
 async fn terminate(url: &str, pid: i32) {
@@ -297,7 +310,7 @@ async fn a_call_cut_short_never_hands_its_connection_out_again() {
         // Cancelled while the server is still working on it: its reply is never read.
         let cut = tokio::time::timeout(
             Duration::from_millis(100),
-            conn.run(|c| sqlx::query("SELECT pg_sleep(1)").execute(c)),
+            conn.run(async |c| sqlx::query("SELECT pg_sleep(1)").execute(c).await),
         )
         .await;
         assert!(cut.is_err());
@@ -349,7 +362,11 @@ async fn the_most_recently_used_connection_is_handed_out_first() {
     let mut pids = Vec::new();
     for conn in &mut burst {
         let pid: i32 = conn
-            .run(|c| sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c))
+            .run(async |c| {
+                sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(c)
+                    .await
+            })
             .await
             .unwrap();
         pids.push(pid);

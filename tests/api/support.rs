@@ -1,5 +1,6 @@
-//! Test harness: the real router over a real SQLite file or a real PostgreSQL schema,
-//! driven in-process through the full middleware stack, with real signed tokens.
+//! Test harness: the real router over a real SQLite file, a real PostgreSQL schema, or a
+//! real PostgreSQL database behind a real PgBouncer, driven in-process through the full
+//! middleware stack, with real signed tokens.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use task_api::auth::{self, Verifier};
 use task_api::config::{AuthConfig, CorsOrigins};
 use task_api::http::{AppState, HttpOptions, app};
 use task_api::metrics::Metrics;
-use task_api::storage::{PgTaskStore, PoolSettings, SqliteTaskStore, TaskStore};
+use task_api::storage::{PgTaskStore, PoolSettings, Pooler, SqliteTaskStore, TaskStore};
 use tower::ServiceExt;
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
@@ -36,6 +37,11 @@ pub enum Db {
     PostgresPeer {
         store: PgTaskStore,
         options: Box<PgConnectOptions>,
+    },
+    /// PostgreSQL through PgBouncer in transaction mode (instances may share one).
+    Pgbouncer {
+        store: PgTaskStore,
+        bouncer: Arc<Pgbouncer>,
     },
 }
 
@@ -129,6 +135,208 @@ pub fn pool_settings() -> PoolSettings {
     }
 }
 
+/// The pgbouncer binary: on `PATH` or in an `sbin` directory (Debian's package puts it in
+/// `/usr/sbin`). Missing, PgBouncer tests skip and say so, except under CI.
+pub fn pgbouncer_binary() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|dir| dir.join("pgbouncer"))
+        .find(|candidate| candidate.is_file())
+        .or_else(|| tool("/usr/sbin/pgbouncer".into(), "apt-get install -y pgbouncer"))
+}
+
+/// Server connections a test's PgBouncer opens: fewer than the service's pool, so clients
+/// take turns on them.
+pub const PGBOUNCER_POOL_SIZE: u32 = 2;
+
+/// A PgBouncer in transaction mode for one test, in front of a database of its own on the
+/// `TEST_DATABASE_URL` server (PgBouncer refuses the `options` startup parameter that
+/// gives other tests their schemas). Dropping it stops PgBouncer and drops the database;
+/// should the test process die first, PgBouncer's watcher stops it.
+pub struct Pgbouncer {
+    /// Through PgBouncer.
+    pub url: String,
+    /// Straight to the database.
+    pub direct_url: String,
+    server_url: String,
+    database: String,
+    watcher: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Pgbouncer {
+    pub async fn start(pool_size: u32) -> Option<Self> {
+        let server_url = postgres_url()?;
+        let binary = pgbouncer_binary()?;
+        let database = format!("test_pgb_{}", uuid::Uuid::new_v4().simple());
+        {
+            use sqlx::Executor;
+            let mut conn = PgConnection::connect(&server_url)
+                .await
+                .expect("connect to TEST_DATABASE_URL");
+            conn.execute(&*format!("CREATE DATABASE {database}"))
+                .await
+                .unwrap();
+        }
+        let server = PgConnectOptions::from_str(&server_url).unwrap();
+        let mut direct = url::Url::parse(&server_url).expect("TEST_DATABASE_URL is a URL");
+        direct.set_path(&database);
+        let password = direct.password().map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+        let user = server.get_username().to_owned();
+        let target = format!(
+            "host={} port={} dbname={database} user={user}{}",
+            server.get_host(),
+            server.get_port(),
+            password
+                .map(|p| format!(" password={p}"))
+                .unwrap_or_default(),
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        // PgBouncer will not run as root: it then runs as `postgres`, which reads these.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let users = dir.path().join("users.txt");
+        std::fs::write(&users, format!("\"{user}\" \"\"\n")).unwrap();
+        let config = dir.path().join("pgbouncer.ini");
+        let log = dir.path().join("pgbouncer.log");
+        for _attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            std::fs::write(
+                &config,
+                format!(
+                    "[databases]\n\
+                     app = {target}\n\
+                     [pgbouncer]\n\
+                     listen_addr = 127.0.0.1\n\
+                     listen_port = {port}\n\
+                     unix_socket_dir =\n\
+                     auth_type = trust\n\
+                     auth_file = {}\n\
+                     pool_mode = transaction\n\
+                     default_pool_size = {pool_size}\n\
+                     max_client_conn = 200\n",
+                    users.display()
+                ),
+            )
+            .unwrap();
+            std::fs::write(&log, "").unwrap();
+            let mut command = std::process::Command::new("sh");
+            // PgBouncer runs until this shell's stdin closes: when the guard drops, or
+            // when the test process dies, however it dies.
+            command
+                .arg("-c")
+                .arg(
+                    "\"$@\" </dev/null >>\"$LOG\" 2>&1 & pid=$!
+                     read -r _
+                     kill -TERM $pid 2>/dev/null
+                     wait $pid",
+                )
+                .arg("sh")
+                .arg(&binary);
+            if running_as_root() {
+                command.args(["-u", "postgres"]);
+            }
+            let mut watcher = command
+                .arg(&config)
+                .env("LOG", &log)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start pgbouncer");
+            let started = std::time::Instant::now();
+            let listening = loop {
+                let output = std::fs::read_to_string(&log).unwrap_or_default();
+                if output.contains(&format!("listening on 127.0.0.1:{port}")) {
+                    break true;
+                }
+                // A port taken meanwhile, say: another attempt on another.
+                if output.contains("FATAL")
+                    || output.contains("ERROR")
+                    || started.elapsed() > Duration::from_secs(10)
+                {
+                    eprintln!("pgbouncer on port {port} did not start: {output}");
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            if listening {
+                return Some(Self {
+                    url: format!("postgres://{user}@127.0.0.1:{port}/app"),
+                    direct_url: direct.to_string(),
+                    server_url,
+                    database,
+                    watcher,
+                    _dir: dir,
+                });
+            }
+            stop(&mut watcher);
+        }
+        drop_database(&server_url, &database);
+        panic!("pgbouncer did not start");
+    }
+
+    /// Connection options through PgBouncer.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(&self.url).unwrap()
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        stop(&mut self.watcher);
+        drop_database(&self.server_url, &self.database);
+    }
+}
+
+/// Stops PgBouncer: its watcher, its stdin closed, stops it and waits for it.
+fn stop(watcher: &mut std::process::Child) {
+    drop(watcher.stdin.take());
+    let _ = watcher.wait();
+}
+
+/// Drops a test's database, whoever is still connected to it.
+fn drop_database(server_url: &str, name: &str) {
+    let (url, name) = (server_url.to_owned(), name.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use sqlx::Executor;
+            if let Ok(mut conn) = PgConnection::connect(&url).await {
+                let _ = conn
+                    .execute(&*format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
+    })
+    .join();
+}
+
+/// Whether this process runs as root (Linux).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .map(|uids| uids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 impl TestApp {
     pub async fn sqlite() -> Self {
         Self::sqlite_with(auth_config(), CorsOrigins::None).await
@@ -208,6 +416,58 @@ impl TestApp {
         })
     }
 
+    /// An app on PostgreSQL through PgBouncer in transaction mode (a pool of
+    /// [`PGBOUNCER_POOL_SIZE`] server connections), as `DATABASE_POOLER=transaction`
+    /// with `DATABASE_DIRECT_URL` runs it.
+    pub async fn pgbouncer() -> Option<Self> {
+        Self::pgbouncer_with_options(auth_config(), &HttpOptions::default()).await
+    }
+
+    pub async fn pgbouncer_with_options(auth: AuthConfig, options: &HttpOptions) -> Option<Self> {
+        let bouncer = Arc::new(Pgbouncer::start(PGBOUNCER_POOL_SIZE).await?);
+        let store = Self::pgbouncer_store(&bouncer, Pooler::Transaction, |o| o).await;
+        Some(Self::through_pgbouncer(store, bouncer, auth, options).await)
+    }
+
+    /// A store through `bouncer`, its migrations on the direct URL.
+    pub async fn pgbouncer_store(
+        bouncer: &Pgbouncer,
+        pooler: Pooler,
+        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    ) -> PgTaskStore {
+        let settings = PoolSettings {
+            pooler,
+            direct_url: Some(bouncer.direct_url.clone().into()),
+            ..pool_settings()
+        };
+        PgTaskStore::connect_with(tweak(bouncer.options()), &settings)
+            .await
+            .unwrap()
+    }
+
+    /// An app over a store that goes through `bouncer` (whose event listener connects
+    /// directly, as `DATABASE_DIRECT_URL` makes it).
+    pub async fn through_pgbouncer(
+        store: PgTaskStore,
+        bouncer: Arc<Pgbouncer>,
+        auth: AuthConfig,
+        options: &HttpOptions,
+    ) -> Self {
+        let mut options = options.clone();
+        options
+            .events
+            .listener_url
+            .get_or_insert_with(|| bouncer.direct_url.clone().into());
+        let (router, metrics) =
+            build(Arc::new(store.clone()), Verifier::new(&auth), &options).await;
+        Self {
+            router,
+            metrics,
+            auth,
+            db: Db::Pgbouncer { store, bouncer },
+        }
+    }
+
     /// An app over a store already opened in `schema`.
     pub async fn from_store(store: PgTaskStore, schema: PgSchema) -> Self {
         let auth = auth_config();
@@ -232,6 +492,9 @@ impl TestApp {
         match &self.db {
             Db::Postgres { _schema, .. } => _schema.options(),
             Db::PostgresPeer { options, .. } => (**options).clone(),
+            Db::Pgbouncer { bouncer, .. } => {
+                PgConnectOptions::from_str(&bouncer.direct_url).unwrap()
+            }
             Db::Sqlite { .. } => panic!("not a PostgreSQL app"),
         }
     }
@@ -239,6 +502,11 @@ impl TestApp {
     /// Another service instance on the same PostgreSQL database, with its own pool and
     /// state, as a second process behind a load balancer would be.
     pub async fn second_instance(&self, options: &HttpOptions) -> Self {
+        if let Db::Pgbouncer { bouncer, .. } = &self.db {
+            let store = Self::pgbouncer_store(bouncer, Pooler::Transaction, |o| o).await;
+            return Self::through_pgbouncer(store, bouncer.clone(), self.auth.clone(), options)
+                .await;
+        }
         let schema = self.pg_schema_options();
         let store = PgTaskStore::connect_with(schema.clone(), &pool_settings())
             .await
@@ -276,6 +544,9 @@ impl TestApp {
                     .await
                     .expect("PostgreSQL is configured")
             }
+            Db::Pgbouncer { .. } => Self::pgbouncer_with_options(auth, options)
+                .await
+                .expect("PgBouncer is there"),
         }
     }
 
@@ -287,11 +558,13 @@ impl TestApp {
                     .filename(_dir.path().join("tasks.db"));
                 SideConnection::Sqlite(SqliteConnection::connect_with(&options).await.unwrap())
             }
-            Db::Postgres { .. } | Db::PostgresPeer { .. } => SideConnection::Postgres(
-                PgConnection::connect_with(&self.pg_schema_options())
-                    .await
-                    .unwrap(),
-            ),
+            Db::Postgres { .. } | Db::PostgresPeer { .. } | Db::Pgbouncer { .. } => {
+                SideConnection::Postgres(
+                    PgConnection::connect_with(&self.pg_schema_options())
+                        .await
+                        .unwrap(),
+                )
+            }
         }
     }
 
@@ -306,7 +579,9 @@ impl TestApp {
     pub fn store(&self) -> Arc<dyn TaskStore> {
         match &self.db {
             Db::Sqlite { store, .. } => Arc::new(store.clone()),
-            Db::Postgres { store, .. } | Db::PostgresPeer { store, .. } => Arc::new(store.clone()),
+            Db::Postgres { store, .. }
+            | Db::PostgresPeer { store, .. }
+            | Db::Pgbouncer { store, .. } => Arc::new(store.clone()),
         }
     }
 
@@ -314,7 +589,9 @@ impl TestApp {
     pub async fn close_database(&self) {
         match &self.db {
             Db::Sqlite { store, .. } => store.close(),
-            Db::Postgres { store, .. } | Db::PostgresPeer { store, .. } => store.pool().close(),
+            Db::Postgres { store, .. }
+            | Db::PostgresPeer { store, .. }
+            | Db::Pgbouncer { store, .. } => store.pool().close(),
         }
     }
 
@@ -632,6 +909,25 @@ macro_rules! on_both_databases {
                 #[tokio::test]
                 async fn $name() {
                     if let Some(app) = $crate::support::TestApp::postgres().await {
+                        super::$name(app).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// As [`on_both_databases!`], and a third test of each scenario, `pgbouncer::name`: on
+/// PostgreSQL through PgBouncer in transaction mode.
+#[macro_export]
+macro_rules! on_both_databases_and_pgbouncer {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_both_databases!($($name),*);
+        mod pgbouncer {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(app) = $crate::support::TestApp::pgbouncer().await {
                         super::$name(app).await
                     }
                 }

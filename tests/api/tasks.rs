@@ -409,7 +409,7 @@ async fn concurrent_creates_get_unique_ids(app: TestApp) {
     assert_eq!(app.count("alice").await, 20);
 }
 
-crate::on_both_databases!(
+crate::on_both_databases_and_pgbouncer!(
     create_returns_the_task_with_location,
     create_keeps_title_and_description_exactly,
     list_is_oldest_first_with_count_and_only_own_tasks,
