@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use task_api::http::HttpOptions;
 
-use crate::support::{Reply, SideConnection, TestApp, auth_config, server_tasks};
+use crate::support::{Reply, SideConnection, TestApp, auth_config, server_tasks, unlimited};
 
 async fn feed(app: &TestApp, user: &str, cursor: Option<&str>, limit: Option<u32>) -> Reply {
     let mut query = form_urlencoded::Serializer::new(String::new());
@@ -709,16 +709,17 @@ async fn invariant(instances: Vec<Arc<TestApp>>) {
 }
 
 async fn the_invariant_holds_under_concurrent_writers(app: TestApp) {
+    let app = app.sibling_with(auth_config(), &unlimited()).await;
     invariant(vec![Arc::new(app)]).await;
 }
 
 /// On PostgreSQL, with the writers on two instances and the syncer on the second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_the_invariant_holds_across_two_instances() {
-    let Some(a) = TestApp::postgres().await else {
+    let Some(a) = TestApp::postgres_with_options(auth_config(), &unlimited(), |o| o).await else {
         return;
     };
-    let b = a.second_instance(&HttpOptions::default()).await;
+    let b = a.second_instance(&unlimited()).await;
     invariant(vec![Arc::new(a), Arc::new(b)]).await;
 }
 

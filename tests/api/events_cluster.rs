@@ -17,7 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{
     EventClient, LiveServer, Next, SseEvent, TestApp, auth_config, postgres_url, server_tasks,
+    unlimited,
 };
+use task_api::auth::Verifier;
 
 /// Options for an instance whose listener has a name of its own (so a test can find
 /// and kill exactly its connection), checking itself every `check`.
@@ -31,7 +33,7 @@ fn options(listener_url: Option<String>, check: Duration) -> HttpOptions {
             listener_url: listener_url.map(Into::into),
             ..EventSettings::default()
         },
-        ..HttpOptions::default()
+        ..unlimited()
     }
 }
 
@@ -492,7 +494,9 @@ async fn follow_while_writing(writers: Vec<Arc<TestApp>>, servers: Vec<(String, 
 
 #[tokio::test]
 async fn sqlite_a_following_client_ends_with_exactly_the_servers_tasks() {
-    let app = Arc::new(TestApp::sqlite().await);
+    let auth = auth_config();
+    let app = TestApp::sqlite_with_options(auth.clone(), Verifier::new(&auth), &unlimited()).await;
+    let app = Arc::new(app);
     let server = app.serve().await;
     follow_while_writing(
         vec![app.clone()],

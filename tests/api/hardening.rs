@@ -327,7 +327,7 @@ async fn outage(stall: bool) {
             .unwrap();
     let proxy = Proxy::start(upstream).await;
     let app = Arc::new(
-        TestApp::postgres_with(auth_config(), task_api::config::CorsOrigins::None, |o| {
+        TestApp::postgres_with_options(auth_config(), &crate::support::unlimited(), |o| {
             o.host("127.0.0.1").port(proxy.port)
         })
         .await

@@ -7,7 +7,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use task_api::http::HttpOptions;
 
-use crate::support::{Reply, TestApp, auth_config};
+use crate::support::{Reply, TestApp, auth_config, unlimited};
 
 async fn create_with_key(app: &TestApp, user: &str, key: &str, body: Value) -> Reply {
     app.call_with_headers(
@@ -329,24 +329,26 @@ mod concurrent {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_one_task_per_key() {
-        one_task_per_key(vec![TestApp::sqlite().await]).await;
+        let app = TestApp::sqlite().await;
+        one_task_per_key(vec![app.sibling_with(auth_config(), &unlimited()).await]).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_one_task_per_key_across_two_instances() {
-        let Some(app) = TestApp::postgres().await else {
+        let Some(app) = TestApp::postgres_with_options(auth_config(), &unlimited(), |o| o).await
+        else {
             return;
         };
-        let peer = app.second_instance(&HttpOptions::default()).await;
+        let peer = app.second_instance(&unlimited()).await;
         one_task_per_key(vec![app, peer]).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pgbouncer_one_task_per_key_across_two_instances() {
-        let Some(app) = TestApp::pgbouncer().await else {
+        let Some(app) = TestApp::pgbouncer_with_options(auth_config(), &unlimited()).await else {
             return;
         };
-        let peer = app.second_instance(&HttpOptions::default()).await;
+        let peer = app.second_instance(&unlimited()).await;
         one_task_per_key(vec![app, peer]).await;
     }
 }

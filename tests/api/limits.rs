@@ -63,7 +63,7 @@ async fn every_authenticated_answer_is_counted_and_carries_the_headers(app: Test
     assert_eq!(remaining(&list), (4, 12));
     // 403, 422 and 404 answers count and carry the headers as well.
     let forbidden = app.call(Method::GET, "/api/bob/tasks", "ann", None).await;
-    forbidden.assert_error(StatusCode::FORBIDDEN, "FORBIDDEN");
+    forbidden.assert_error(StatusCode::FORBIDDEN, "AUTH_FORBIDDEN");
     assert_eq!(remaining(&forbidden).0, 3);
     let invalid = app.call(Method::GET, "/api/ann/tasks/x", "ann", None).await;
     assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -162,7 +162,7 @@ async fn the_defaults_are_on_and_zero_turns_the_limit_off() {
 
 /// Concurrent requests of one user never pass more than the quota (the in-memory step is
 /// one compare-and-swap), many rounds.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_never_pass_more_than_the_quota() {
     let app = std::sync::Arc::new(sqlite(limited(10, 3600)).await);
     for round in 0..10 {
@@ -406,9 +406,11 @@ impl ThrowawayRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Owned from here on: stopped and reaped by `Drop`, whatever happens.
+        let redis = Self { child, port };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self { child, port });
+                return Some(redis);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -128,6 +128,15 @@ impl Drop for PgSchema {
     }
 }
 
+/// The service's options with the rate limits off, for tests that send one user's
+/// requests far faster than any person would (load, races, fuzzing).
+pub fn unlimited() -> HttpOptions {
+    HttpOptions {
+        limits: task_api::limits::LimitSettings::off(),
+        ..HttpOptions::default()
+    }
+}
+
 pub fn pool_settings() -> PoolSettings {
     PoolSettings {
         max_connections: 5,
