@@ -204,7 +204,8 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
         .merge(events::router())
         .routes(routes!(health))
         .split_for_parts();
-    let document = openapi::ApiDoc::openapi().merge_from(document);
+    let mut document = openapi::ApiDoc::openapi().merge_from(document);
+    openapi::add_rate_limit_headers(&mut document);
     let router = api
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

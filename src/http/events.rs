@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Caller, USER_ID_SEGMENT, authenticate, owns_path, path_segment};
-use super::openapi::{AccessErrors, CursorExpired, Invalid, StreamLimits};
+use super::openapi::{AccessErrors, CursorExpired, Invalid};
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
 use crate::events::fanout::Full;
@@ -105,7 +105,7 @@ async fn create_ticket(
     responses(
         (status = 200, description = "Server-sent events. First `event: ready` (`data`: `StreamReady`; `id`: the same cursor, where the stream starts); then one `event: change` per committed change (`id`: the cursor just after it; `data`: one change-feed entry, `Change`); a comment line at least every 30 s; `event: token-expired` (`data`: `StreamTokenExpired`) when the token stops being valid, and the stream ends. A stream that falls too far behind, or whose instance shuts down, is closed: resume from the last id", content_type = "text/event-stream", body = String,
          example = json!("event: ready\nid: AQAAAAAAAAAJ…\ndata: {\"cursor\":\"AQAAAAAAAAAJ…\"}\n\nevent: change\nid: AQAAAAAAAAAK…\ndata: {\"type\":\"delete\",\"task_id\":7,\"deleted_at\":\"2026-01-01T10:01:00.000000Z\"}\n\n: heartbeat\n\n")),
-        CursorExpired, AccessErrors, Invalid, StreamLimits))]
+        CursorExpired, AccessErrors, Invalid))]
 async fn events(State(app): State<AppState>, parts: Parts) -> Result<Response, ApiError> {
     let (uri, headers) = (&parts.uri, &parts.headers);
     let now = storage::now();

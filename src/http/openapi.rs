@@ -216,6 +216,12 @@ pub enum AccessErrors {
     /// The database failed or is unreachable (`DATABASE_ERROR`).
     #[response(status = 500, example = json!({"detail": "The database is unavailable", "error_code": "DATABASE_ERROR", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
     ServerError(ErrorResponse),
+    /// Over a limit (`RATE_LIMITED`): the user's rate limit (`RateLimit` then says
+    /// `r=0`), the client address's failed-authentication limit, or — opening an event
+    /// stream — the user's open streams on this instance (`MAX_STREAMS_PER_USER`).
+    /// Nothing was changed; retry after `Retry-After` seconds.
+    #[response(status = 429, example = json!({"detail": "Too many requests for this user; retry after the time in Retry-After", "error_code": "RATE_LIMITED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Whole seconds to wait (at least 1)")))]
+    TooMany(ErrorResponse),
     /// The signing keys are not available yet (`SERVICE_UNAVAILABLE`).
     #[response(status = 503, example = json!({"detail": "Signing keys are not available yet; try again", "error_code": "SERVICE_UNAVAILABLE", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
     Unavailable(ErrorResponse),
@@ -308,16 +314,6 @@ pub enum WritePreconditions {
     Required(ErrorResponse),
 }
 
-/// Limits on open event streams.
-#[derive(IntoResponses)]
-#[allow(dead_code)]
-pub enum StreamLimits {
-    /// The user has `MAX_STREAMS_PER_USER` streams open on this instance already
-    /// (`RATE_LIMITED`).
-    #[response(status = 429, example = json!({"detail": "Too many open event streams for this user", "error_code": "RATE_LIMITED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}), headers(("Retry-After" = u32, description = "Seconds to wait")))]
-    TooManyForUser(ErrorResponse),
-}
-
 /// 410 of the change feed.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
@@ -327,4 +323,52 @@ pub enum CursorExpired {
     /// backup: start again with a full sync, without `cursor` (`CURSOR_EXPIRED`).
     #[response(status = 410, example = json!({"detail": "This cursor has expired: start again with a full sync (no cursor)", "error_code": "CURSOR_EXPIRED", "timestamp": "2026-01-01T00:00:00Z", "request_id": "0f8e2c1a-6d3b-4c5e-9a7f-1b2c3d4e5f60"}))]
     Expired(ErrorResponse),
+}
+
+/// Adds the rate-limit headers to every response of every `/api` operation (run on the
+/// merged document: the operations come from the routes).
+pub fn add_rate_limit_headers(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::header::HeaderBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let header = |description: &str, example: &str| {
+        HeaderBuilder::new()
+            .schema(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .examples([serde_json::json!(example)]),
+            )
+            .description(Some(description))
+            .build()
+    };
+    let policy = header(
+        "The user's quota while `RATE_LIMIT` is on: `\"user\";q=<requests>;w=<window in seconds>` (IETF rate-limit headers). On every answer to a token that verified",
+        "\"user\";q=1200;w=60",
+    );
+    let current = header(
+        "Where the user stands: `\"user\";r=<requests left>;t=<seconds until r is back at q>`. On every answer to a token that verified, unless the shared limit store (Redis) did not answer",
+        "\"user\";r=1187;t=1",
+    );
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for response in operation.responses.responses.values_mut() {
+                if let RefOr::T(response) = response {
+                    response
+                        .headers
+                        .insert("RateLimit-Policy".into(), policy.clone());
+                    response.headers.insert("RateLimit".into(), current.clone());
+                }
+            }
+        }
+    }
 }

@@ -506,3 +506,39 @@ async fn requests_are_served_unlimited_while_redis_is_down_or_slow() {
         "the limit did not apply again after Redis came back"
     );
 }
+
+/// The OpenAPI document names the 429 and the rate-limit headers on every `/api`
+/// operation, and on no other.
+#[tokio::test]
+async fn the_document_describes_the_limits() {
+    let app = sqlite(LimitSettings::default()).await;
+    let doc = app
+        .call_with_token(Method::GET, "/openapi.json", None, None)
+        .await
+        .json;
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            if path.starts_with("/api/") {
+                operations += 1;
+                let limited = &responses["429"];
+                assert!(
+                    limited["headers"]["Retry-After"].is_object(),
+                    "{method} {path}"
+                );
+                for (status, response) in responses {
+                    for name in ["RateLimit", "RateLimit-Policy"] {
+                        assert!(
+                            response["headers"][name].is_object(),
+                            "{name} on {status} of {method} {path}"
+                        );
+                    }
+                }
+            } else {
+                assert!(!responses.contains_key("429"), "{method} {path}");
+            }
+        }
+    }
+    assert!(operations >= 9, "{operations}");
+}
