@@ -5,8 +5,10 @@
 //! Redis failing or slow never fails a request: the request is served unlimited, the
 //! failure counted in `task_api_redis_errors_total` and logged at most once per interval.
 
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -115,6 +117,12 @@ pub struct Limits {
     /// signature work, so it is read from this instance's memory; it is filled by the
     /// failure that was refused, here or (through Redis) counted on any instance.
     blocked: Cache<IpAddr, Instant>,
+    /// When the last block ends (µs after `epoch`): until then `blocked` is looked up;
+    /// after it, no address is blocked and the lookup is skipped.
+    blocked_until: AtomicU64,
+    epoch: Instant,
+    /// `RateLimit-Policy`, the same on every answer.
+    policy_header: Option<HeaderValue>,
     counters: LimitCounters,
     redis_failures: Throttle,
 }
@@ -143,6 +151,9 @@ impl Limits {
             .map_or(Duration::from_secs(1), |p| p.idle_ttl());
         Ok(Self {
             store,
+            blocked_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            policy_header: policy_header(&settings),
             blocked: Cache::builder()
                 .max_capacity(memory::MAX_KEYS)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
@@ -163,6 +174,9 @@ impl Limits {
                 failures: None,
             },
             blocked: Cache::new(1),
+            blocked_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            policy_header: None,
             counters: LimitCounters::default(),
             redis_failures: Throttle::default(),
         }
@@ -209,6 +223,9 @@ impl Limits {
         let (Some(address), Some(_)) = (address, self.settings.auth_failures) else {
             return Ok(());
         };
+        if self.micros_since_epoch(Instant::now()) >= self.blocked_until.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         match self.blocked.get(&address) {
             Some(until) if until > Instant::now() => {
                 self.counters.limited("auth_failures");
@@ -234,7 +251,10 @@ impl Limits {
         match decision {
             Some(d) if !d.allowed => {
                 let wait = Duration::from_secs(d.retry_after_secs);
-                self.blocked.insert(address, Instant::now() + wait);
+                let until = Instant::now() + wait;
+                self.blocked.insert(address, until);
+                self.blocked_until
+                    .fetch_max(self.micros_since_epoch(until), Ordering::Relaxed);
                 self.counters.limited("auth_failures");
                 Err(auth_limited(wait))
             }
@@ -242,9 +262,13 @@ impl Limits {
         }
     }
 
+    fn micros_since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
     /// Counts one request of `user`. Its answer is kept for the response's `RateLimit`
-    /// headers; 429 when over the limit.
-    pub async fn admit(&self, extensions: &Extensions, user: &str) -> Result<(), ApiError> {
+    /// headers (see [`headers`]); 429 when over the limit.
+    pub async fn admit(&self, user: &str) -> Result<(), ApiError> {
         let Some(policy) = self.settings.user else {
             return Ok(());
         };
@@ -252,12 +276,9 @@ impl Limits {
             Store::Memory { users, .. } => users.as_ref().map(|l| l.hit(user)),
             Store::Redis(redis) => self.shared(redis.hit("user", user, &policy).await),
         };
-        let slot = extensions.get::<Slot>();
         match decision {
             Some(decision) => {
-                if let Some(slot) = slot {
-                    let _ = slot.0.set(Answer::Counted(decision));
-                }
+                keep(Answer::Counted(decision));
                 if decision.allowed {
                     Ok(())
                 } else {
@@ -269,9 +290,7 @@ impl Limits {
                 }
             }
             None => {
-                if let Some(slot) = slot {
-                    let _ = slot.0.set(Answer::Uncounted(policy));
-                }
+                keep(Answer::Uncounted);
                 Ok(())
             }
         }
@@ -307,50 +326,55 @@ fn last_forwarded_hop(headers: &HeaderMap) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
-/// Where a request's limit answer waits for its response.
-#[derive(Clone, Default)]
-pub struct Slot(Arc<OnceLock<Answer>>);
+fn policy_header(settings: &LimitSettings) -> Option<HeaderValue> {
+    let policy = settings.user?;
+    HeaderValue::try_from(policy.header(USER_POLICY)).ok()
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Answer {
     Counted(Decision),
     /// The shared store did not answer: served unlimited, and the count is unknown.
-    Uncounted(Policy),
+    Uncounted,
 }
 
-impl Slot {
-    /// Writes `RateLimit-Policy` and `RateLimit` for a request whose token verified.
-    /// When Redis did not answer, the count is unknown and only the policy is sent.
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
-        let (policy, current) = match self.0.get() {
-            None => return,
-            Some(Answer::Counted(d)) => (d.policy.header(USER_POLICY), Some(d.header(USER_POLICY))),
-            Some(Answer::Uncounted(policy)) => (policy.header(USER_POLICY), None),
-        };
-        if let Ok(value) = HeaderValue::from_str(&policy) {
-            headers.insert(RATE_LIMIT_POLICY.clone(), value);
-        }
-        if let Some(Ok(value)) = current.map(|c| HeaderValue::from_str(&c)) {
-            headers.insert(RATE_LIMIT.clone(), value);
-        }
-    }
+tokio::task_local! {
+    /// The limit's answer for the request this task is serving, for its response headers.
+    /// A task-local rather than a request extension: nothing to allocate per request.
+    static ANSWER: Cell<Option<Answer>>;
 }
 
-/// The layer on `/api`: gives each request a [`Slot`] and writes its answer into the
-/// response headers (429s included).
+fn keep(answer: Answer) {
+    // Outside the `/api` layer (a tool calling the store directly) there is no response.
+    let _ = ANSWER.try_with(|slot| slot.set(Some(answer)));
+}
+
+/// The layer on `/api`: writes `RateLimit-Policy` and `RateLimit` into the response of
+/// every request whose token verified (429s included). When Redis did not answer, the
+/// count is unknown and only the policy is sent.
 pub async fn headers(
     axum::extract::State(limits): axum::extract::State<Arc<Limits>>,
-    mut request: axum::extract::Request,
+    request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if limits.settings.user.is_none() {
+    let Some(policy) = limits.policy_header.clone() else {
         return next.run(request).await;
-    }
-    let slot = Slot::default();
-    request.extensions_mut().insert(slot.clone());
-    let mut response = next.run(request).await;
-    slot.write_headers(response.headers_mut());
-    response
+    };
+    ANSWER
+        .scope(Cell::new(None), async move {
+            let mut response = next.run(request).await;
+            if let Some(answer) = ANSWER.with(Cell::get) {
+                let headers = response.headers_mut();
+                headers.insert(RATE_LIMIT_POLICY.clone(), policy);
+                if let Answer::Counted(decision) = answer
+                    && let Ok(value) = HeaderValue::try_from(decision.header(USER_POLICY))
+                {
+                    headers.insert(RATE_LIMIT.clone(), value);
+                }
+            }
+            response
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ async fn events(State(app): State<AppState>, parts: Parts) -> Result<Response, A
                 app.limits.failed_authentication(address).await?;
                 return Err(ApiError::AuthInvalid(TICKET_REFUSED));
             };
-            app.limits.admit(&parts.extensions, &ticket.user).await?;
+            app.limits.admit(&ticket.user).await?;
             (ticket.user.clone(), None, Some(ticket))
         }
         Err(other) => return Err(other),

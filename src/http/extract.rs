@@ -67,7 +67,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, A
         }
         Err(other) => return Err(other),
     };
-    limits.admit(&parts.extensions, &identity.user).await?;
+    limits.admit(&identity.user).await?;
     Ok(identity)
 }
 
