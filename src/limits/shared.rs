@@ -1,57 +1,80 @@
-//! Limits shared by every instance through Redis: the GCRA step as one Lua script, one
-//! round trip per request, timed by Redis's own clock so the instances' clocks do not
-//! matter.
+//! Limits shared by every instance through Redis: the GCRA step in a Lua script, timed by
+//! Redis's own clock so the instances' clocks do not matter.
 //!
-//! Redis is a help, never a dependency: a call that fails or takes longer than
-//! [`BUDGET`] lets the request through (the caller counts and logs it), and redis-rs's
+//! Requests that arrive while a call is on its way share the next one: one script call
+//! takes the steps of every request waiting (in order, so two requests of one user in
+//! one call still take one step each), in one round trip. Each request's step is still
+//! atomic and still costs one Redis call's round trip; what is shared is Redis's own
+//! per-call cost (a read, a write, the script's start), which on a busy host is most of
+//! what a rate-limit check costs. redis-rs pipelines but does not batch on its own, so the
+//! batching is done here.
+//!
+//! Redis is a help, never a dependency: a request whose answer does not come within
+//! [`BUDGET`] is served unlimited (the caller counts and logs it), and redis-rs's
 //! connection manager reconnects in the background.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, oneshot};
 
 use super::gcra::{Decision, Policy};
 
 /// The longest a request waits for Redis before it is served unlimited.
 pub const BUDGET: Duration = Duration::from_millis(50);
+/// Requests waiting at most; past it a request is served unlimited at once.
+const QUEUE: usize = 4096;
+/// Steps in one script call at most.
+const MAX_BATCH: usize = 64;
 
-/// The step of [`super::gcra::step`] on the key `KEYS[1]`, with `ARGV[1]` the interval
-/// and `ARGV[2]` the window (µs). Returns `{allowed, now, tat}`: the TAT after the step,
-/// or the unchanged one when refused. The key expires once its state equals a fresh
-/// key's.
+/// The step of [`super::gcra::step`] for each of `KEYS`, with `ARGV[2i-1]` its interval
+/// and `ARGV[2i]` its window (µs). Returns `{allowed, now, tat}` for each: the TAT after
+/// the step, or the unchanged one when refused. A key expires once its state equals a
+/// fresh key's.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
-if tat < now then tat = now end
-local next = tat + interval
-if next - now > window then
-  return {0, now, tat}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local window = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or 0)
+  if tat < now then tat = now end
+  local next = tat + interval
+  if next - now > window then
+    out[i] = {0, now, tat}
+  else
+    redis.call('SET', key, next, 'PX', math.ceil((next - now) / 1000))
+    out[i] = {1, now, next}
+  end
 end
-redis.call('SET', KEYS[1], next, 'PX', math.ceil((next - now) / 1000))
-return {1, now, next}
+return out
 ";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SharedError {
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(String),
     #[error("redis did not answer within {BUDGET:?}")]
     Slow,
 }
 
-#[derive(Clone)]
+struct Step {
+    key: String,
+    policy: Policy,
+    answer: oneshot::Sender<Result<Decision, SharedError>>,
+}
+
 pub struct RedisLimiter {
-    connection: ConnectionManager,
-    script: redis::Script,
+    steps: mpsc::Sender<Step>,
     prefix: String,
 }
 
 impl RedisLimiter {
     /// A limiter on the Redis at `url`, with every key under `prefix`. Connects lazily:
-    /// an instance starts (and serves, unlimited) while Redis is down.
+    /// an instance starts (and serves, unlimited) while Redis is down. Must be called
+    /// within a Tokio runtime: it starts the task that talks to Redis, which ends when
+    /// the limiter is dropped.
     pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
@@ -59,9 +82,11 @@ impl RedisLimiter {
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        let (steps, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(run(connection, queue));
         Ok(Self {
-            connection: ConnectionManager::new_lazy_with_config(client, config)?,
-            script: redis::Script::new(GCRA),
+            steps,
             prefix: prefix.to_owned(),
         })
     }
@@ -73,13 +98,60 @@ impl RedisLimiter {
         key: &str,
         policy: &Policy,
     ) -> Result<Decision, SharedError> {
-        let mut connection = self.connection.clone();
-        let mut invocation = self.script.key(format!("{}{kind}:{key}", self.prefix));
-        invocation.arg(policy.interval()).arg(policy.window());
-        let call = invocation.invoke_async::<(u8, u64, u64)>(&mut connection);
-        let (allowed, now, tat) = tokio::time::timeout(BUDGET, call)
-            .await
-            .map_err(|_| SharedError::Slow)??;
-        Ok(Decision::new(*policy, allowed == 1, now, tat))
+        let (answer, answered) = oneshot::channel();
+        let step = Step {
+            key: format!("{}{kind}:{key}", self.prefix),
+            policy: *policy,
+            answer,
+        };
+        // A full queue means Redis is not keeping up: do not wait in line.
+        self.steps.try_send(step).map_err(|_| SharedError::Slow)?;
+        match tokio::time::timeout(BUDGET, answered).await {
+            Ok(Ok(answer)) => answer,
+            _ => Err(SharedError::Slow),
+        }
+    }
+}
+
+/// Takes every step waiting, sends them as one script call, hands out the answers; one
+/// call at a time, so that steps arriving meanwhile make up the next call.
+async fn run(mut connection: ConnectionManager, mut queue: mpsc::Receiver<Step>) {
+    let script = redis::Script::new(GCRA);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // A request that has stopped waiting was served unlimited: not counted either.
+        batch.retain(|step| !step.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut invocation = script.prepare_invoke();
+        for step in &batch {
+            invocation
+                .key(&step.key)
+                .arg(step.policy.interval())
+                .arg(step.policy.window());
+        }
+        let call = invocation.invoke_async::<Vec<(u8, u64, u64)>>(&mut connection);
+        let answers = match tokio::time::timeout(BUDGET, call).await {
+            Ok(Ok(answers)) if answers.len() == batch.len() => Ok(answers),
+            Ok(Ok(_)) => Err(SharedError::Redis(
+                "the script answered the wrong count".into(),
+            )),
+            Ok(Err(error)) => Err(SharedError::Redis(error.to_string())),
+            Err(_) => Err(SharedError::Slow),
+        };
+        match answers {
+            Ok(answers) => {
+                for (step, (allowed, now, tat)) in batch.drain(..).zip(answers) {
+                    let decision = Decision::new(step.policy, allowed == 1, now, tat);
+                    let _ = step.answer.send(Ok(decision));
+                }
+            }
+            Err(error) => {
+                for step in batch.drain(..) {
+                    let _ = step.answer.send(Err(error.clone()));
+                }
+            }
+        }
     }
 }
