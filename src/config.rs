@@ -185,16 +185,23 @@ impl Config {
         let limits = limits_config(&get)?;
         let shutdown_delay = match get("SHUTDOWN_DELAY") {
             None => std::time::Duration::ZERO,
-            Some(v) if v.trim() == "0" => std::time::Duration::ZERO,
-            Some(v) => match parse_duration("SHUTDOWN_DELAY", &v)? {
-                d if d <= std::time::Duration::from_secs(300) => d,
-                _ => {
-                    return Err(ConfigError::new(
-                        "SHUTDOWN_DELAY",
-                        format!("at most 300s, got {v:?}"),
-                    ));
+            Some(v) => {
+                // Bare numbers are seconds; `0`/`0s` is the default (no delay).
+                let trimmed = v.trim();
+                let parsed = trimmed
+                    .parse::<u64>()
+                    .map(std::time::Duration::from_secs)
+                    .or_else(|_| humantime::parse_duration(trimmed));
+                match parsed {
+                    Ok(d) if d <= std::time::Duration::from_secs(300) => d,
+                    _ => {
+                        return Err(ConfigError::new(
+                            "SHUTDOWN_DELAY",
+                            format!("expected a duration from 0s to 300s, such as 2s, got {v:?}"),
+                        ));
+                    }
                 }
-            },
+            }
         };
 
         let auth = auth_config(&get)?;
@@ -666,6 +673,10 @@ mod tests {
         );
         assert_eq!(c.limits.redis_prefix, "app1:");
         assert_eq!(c.shutdown_delay, std::time::Duration::from_secs(2));
+        for (value, ms) in [("0", 0), ("0s", 0), ("5", 5000), ("1500ms", 1500)] {
+            let c = load(&[("SHUTDOWN_DELAY", value)]).unwrap();
+            assert_eq!(c.shutdown_delay.as_millis(), ms, "{value}");
+        }
         assert!(!format!("{c:?}").contains(":pw@"));
         assert_eq!(load(&[("RATE_LIMIT", "0")]).unwrap().limits.user, None);
         assert_eq!(

@@ -218,25 +218,28 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
         .fallback(not_found);
     let draining = options.draining.clone();
-    let router = router.layer(axum::middleware::from_fn(
-        move |request: axum::extract::Request, next: axum::middleware::Next| {
-            let draining = draining.clone();
-            async move {
-                let http1 = request.version() <= axum::http::Version::HTTP_11;
-                let mut response = next.run(request).await;
-                // Keep-alive connections would keep this instance in use after the
-                // balancer has moved on: ask clients to reconnect (through the balancer).
-                if draining.is_set() && http1 {
-                    response.headers_mut().insert(
-                        header::CONNECTION,
-                        axum::http::HeaderValue::from_static("close"),
-                    );
+    let router = with_service_layers(router, options, state.metrics.clone());
+    // Outermost, so that every answer (load shedding's 503s too) carries it.
+    router
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let draining = draining.clone();
+                async move {
+                    let http1 = request.version() <= axum::http::Version::HTTP_11;
+                    let mut response = next.run(request).await;
+                    // Keep-alive connections would keep this instance in use after the
+                    // balancer has moved on: ask clients to reconnect (through the balancer).
+                    if draining.is_set() && http1 {
+                        response.headers_mut().insert(
+                            header::CONNECTION,
+                            axum::http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    response
                 }
-                response
-            }
-        },
-    ));
-    with_service_layers(router, options, state.metrics.clone()).with_state(state)
+            },
+        ))
+        .with_state(state)
 }
 
 /// What every route passes through, innermost first: the body limit, panic catching,

@@ -121,7 +121,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 ?delay,
                 "shutting down: /health answers 503; still serving for SHUTDOWN_DELAY"
             );
-            tokio::time::sleep(delay).await;
+            // A second signal cuts the delay short.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_signal() => {}
+            }
         }
         closing.cancel();
     };

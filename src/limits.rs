@@ -114,8 +114,9 @@ pub struct Limits {
     settings: LimitSettings,
     store: Store,
     /// Addresses over the failed-authentication limit, until when. Checked before any
-    /// signature work, so it is read from this instance's memory; it is filled by the
-    /// failure that was refused, here or (through Redis) counted on any instance.
+    /// signature work, so it is read from this instance's memory; it is filled by a
+    /// failure this instance saw refused — counted here, or in Redis together with the
+    /// failures every other instance saw.
     blocked: Cache<IpAddr, Instant>,
     /// When the last block ends (µs after `epoch`): until then `blocked` is looked up;
     /// after it, no address is blocked and the lookup is skipped.
@@ -250,7 +251,7 @@ impl Limits {
         };
         match decision {
             Some(d) if !d.allowed => {
-                let wait = Duration::from_secs(d.retry_after_secs);
+                let wait = d.wait;
                 let until = Instant::now() + wait;
                 self.blocked.insert(address, until);
                 self.blocked_until
@@ -290,7 +291,7 @@ impl Limits {
                 }
             }
             None => {
-                keep(Answer::Uncounted);
+                keep(Answer::Uncounted(policy));
                 Ok(())
             }
         }
@@ -335,7 +336,7 @@ fn policy_header(settings: &LimitSettings) -> Option<HeaderValue> {
 enum Answer {
     Counted(Decision),
     /// The shared store did not answer: served unlimited, and the count is unknown.
-    Uncounted,
+    Uncounted(Policy),
 }
 
 tokio::task_local! {
@@ -351,7 +352,7 @@ fn keep(answer: Answer) {
 
 /// The layer on `/api`: writes `RateLimit-Policy` and `RateLimit` into the response of
 /// every request whose token verified (429s included). When Redis did not answer, the
-/// count is unknown and only the policy is sent.
+/// request was served unlimited, and `RateLimit` says the whole quota is left.
 pub async fn headers(
     axum::extract::State(limits): axum::extract::State<Arc<Limits>>,
     request: axum::extract::Request,
@@ -366,9 +367,14 @@ pub async fn headers(
             if let Some(answer) = ANSWER.with(Cell::get) {
                 let headers = response.headers_mut();
                 headers.insert(RATE_LIMIT_POLICY.clone(), policy);
-                if let Answer::Counted(decision) = answer
-                    && let Ok(value) = HeaderValue::try_from(decision.header(USER_POLICY))
-                {
+                let current = match answer {
+                    Answer::Counted(decision) => decision.header(USER_POLICY),
+                    // Served unlimited: the whole quota is there to be spent.
+                    Answer::Uncounted(policy) => {
+                        format!("\"{USER_POLICY}\";r={};t=0", policy.quota)
+                    }
+                };
+                if let Ok(value) = HeaderValue::try_from(current) {
                     headers.insert(RATE_LIMIT.clone(), value);
                 }
             }

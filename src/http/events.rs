@@ -111,14 +111,15 @@ async fn events(State(app): State<AppState>, parts: Parts) -> Result<Response, A
     let now = storage::now();
     let query = EventsQuery::parse(uri.query());
     let address = app.limits.client_address(&parts.extensions, headers);
+    app.limits.check_address(address)?;
     let (user, token_valid_until, ticket) = match bearer_token(headers) {
-        Ok(_) => {
+        // A header that is there (valid or not) is checked, and counted, as a bearer token.
+        Ok(_) | Err(ApiError::AuthInvalid(_)) => {
             let identity = authenticate(&parts, &app).await?;
             let until = identity.valid_until();
             (identity.user, Some(until), None)
         }
         Err(ApiError::AuthMissing) => {
-            app.limits.check_address(address)?;
             let sealed = query.ticket.ok_or(ApiError::AuthMissing)?;
             let Some(ticket) = Ticket::open(&app.cursors, &sealed).filter(|t| !t.expired(now))
             else {
@@ -157,17 +158,24 @@ async fn events(State(app): State<AppState>, parts: Parts) -> Result<Response, A
     })?;
     // Last: a ticket is used up only by a stream that opens.
     let valid_until = match (ticket, token_valid_until) {
-        (Some(ticket), _) => within_deadline(app.store.redeem_ticket(&user, &ticket.id, now))
-            .await?
-            .ok_or(ApiError::AuthInvalid(TICKET_REFUSED))?,
+        (Some(ticket), _) => {
+            let redeemed = within_deadline(app.store.redeem_ticket(&user, &ticket.id, now)).await?;
+            match redeemed {
+                Some(until) if until > Utc::now() => until,
+                // Used already (a replay: tickets travel in URLs), or its token has
+                // expired: a failed authentication of this address.
+                refused => {
+                    app.limits.failed_authentication(address).await?;
+                    return Err(ApiError::AuthInvalid(match refused {
+                        None => TICKET_REFUSED,
+                        Some(_) => "The token that asked for this ticket has expired",
+                    }));
+                }
+            }
+        }
         (None, Some(until)) => until,
         (None, None) => return Err(ApiError::AuthMissing),
     };
-    if valid_until <= Utc::now() {
-        return Err(ApiError::AuthInvalid(
-            "The token that asked for this ticket has expired",
-        ));
-    }
     stream.valid_until(valid_until);
 
     let events = futures_util::stream::unfold(stream, |mut stream| async move {

@@ -59,7 +59,11 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Identity, A
     let limits = &state.limits;
     let address = limits.client_address(&parts.extensions, &parts.headers);
     limits.check_address(address)?;
-    let identity = match state.verifier.identify(bearer_token(&parts.headers)?).await {
+    let verified = match bearer_token(&parts.headers) {
+        Ok(token) => state.verifier.identify(token).await,
+        Err(refused) => Err(refused),
+    };
+    let identity = match verified {
         Ok(identity) => identity,
         Err(refused @ ApiError::AuthInvalid(_)) => {
             limits.failed_authentication(address).await?;

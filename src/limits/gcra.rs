@@ -36,9 +36,17 @@ impl Policy {
         u64::from(self.window_secs) * 1_000_000
     }
 
-    /// What one request costs: the window over the quota (at least 1 µs).
+    /// What one request costs: the window over the quota, rounded up to whole
+    /// microseconds (so a quota that does not divide the window refills a little slower,
+    /// never faster).
     pub fn interval(&self) -> Micros {
-        (self.window() / u64::from(self.quota)).max(1)
+        self.window().div_ceil(u64::from(self.quota)).max(1)
+    }
+
+    /// How far ahead of now a key's TAT may be: exactly `quota` intervals, so a full
+    /// quota passes at once and not one request more, whatever the rounding above.
+    pub fn tolerance(&self) -> Micros {
+        self.interval() * u64::from(self.quota)
     }
 
     /// `RateLimit-Policy: "user";q=1200;w=60`
@@ -49,7 +57,7 @@ impl Policy {
     /// How long a key must stay stored: after this much idle time its state is the same
     /// as a fresh key's, so forgetting it changes nothing.
     pub fn idle_ttl(&self) -> Duration {
-        Duration::from_secs(u64::from(self.window_secs))
+        Duration::from_micros(self.tolerance())
     }
 }
 
@@ -57,7 +65,7 @@ impl Policy {
 /// TAT stays).
 pub fn step(tat: Micros, now: Micros, policy: &Policy) -> Option<Micros> {
     let next = tat.max(now) + policy.interval();
-    (next - now <= policy.window()).then_some(next)
+    (next - now <= policy.tolerance()).then_some(next)
 }
 
 /// The answer for one request: allowed or not, and what the `RateLimit` header says.
@@ -71,6 +79,8 @@ pub struct Decision {
     pub reset_secs: u64,
     /// For a refused request: whole seconds until one would be allowed (≥ 1).
     pub retry_after_secs: u64,
+    /// For a refused request: how long until one would be allowed, exactly.
+    pub wait: Duration,
 }
 
 impl Decision {
@@ -79,12 +89,12 @@ impl Decision {
     pub fn new(policy: Policy, allowed: bool, now: Micros, tat: Micros) -> Self {
         let owed = tat.saturating_sub(now);
         let remaining = if allowed {
-            policy.window().saturating_sub(owed) / policy.interval()
+            policy.tolerance().saturating_sub(owed) / policy.interval()
         } else {
             0
         };
-        // When the next request fits: `owed + interval ≤ window`.
-        let wait = (owed + policy.interval()).saturating_sub(policy.window());
+        // When the next request fits: `owed + interval ≤ tolerance`.
+        let wait = (owed + policy.interval()).saturating_sub(policy.tolerance());
         Self {
             policy,
             allowed,
@@ -93,6 +103,7 @@ impl Decision {
                 .min(policy.quota),
             reset_secs: owed.div_ceil(1_000_000),
             retry_after_secs: wait.div_ceil(1_000_000).max(1),
+            wait: Duration::from_micros(wait),
         }
     }
 
@@ -176,6 +187,27 @@ mod tests {
             run(&policy, &mut tat, after),
             run(&policy, &mut fresh, after)
         );
+    }
+
+    #[test]
+    fn a_burst_is_exactly_the_quota_whatever_the_rounding() {
+        for (quota, window) in [
+            (9999, 60),
+            (700_000, 60),
+            (7, 10),
+            (1_000_000, 1),
+            (1200, 60),
+        ] {
+            let policy = Policy::new(quota, window).unwrap();
+            let (mut tat, now) = (0, 1_000 * S);
+            let mut passed = 0;
+            while run(&policy, &mut tat, now).allowed {
+                passed += 1;
+            }
+            assert_eq!(passed, quota, "{quota} per {window} s");
+            // And it refills at most at the nominal rate.
+            assert!(policy.interval() * u64::from(quota) >= policy.window());
+        }
     }
 
     #[test]

@@ -41,8 +41,8 @@ impl MemoryLimiter {
     }
 
     fn now(&self) -> Micros {
-        // Starts at one window so that a fresh key's TAT of 0 is always in the past.
-        self.policy.window() + self.epoch.elapsed().as_micros() as Micros
+        // Starts one tolerance in so that a fresh key's TAT of 0 is always in the past.
+        self.policy.tolerance() + self.epoch.elapsed().as_micros() as Micros
     }
 
     /// Counts one request for `key`: the GCRA step as one compare-and-swap, so requests

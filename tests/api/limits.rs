@@ -477,7 +477,8 @@ async fn requests_are_served_unlimited_while_redis_is_down_or_slow() {
             reply.header("ratelimit-policy"),
             Some("\"user\";q=3;w=3600")
         );
-        assert!(reply.header("ratelimit").is_none(), "the count is unknown");
+        // Served unlimited: the whole quota is there.
+        assert_eq!(reply.header("ratelimit"), Some("\"user\";r=3;t=0"));
     }
     assert_eq!(redis_errors(&app), 3);
     redis.signal("-CONT");
@@ -541,4 +542,40 @@ async fn the_document_describes_the_limits() {
         }
     }
     assert!(operations >= 9, "{operations}");
+}
+
+/// A ticket replayed after it has opened its stream (tickets travel in URLs, so they end
+/// up in logs) is a failed authentication of the replaying address.
+#[tokio::test]
+async fn a_replayed_ticket_counts_as_a_failed_authentication() {
+    let app = sqlite(LimitSettings {
+        auth_failures: Policy::new(2, 60),
+        ..LimitSettings::default()
+    })
+    .await;
+    let server = app.serve().await;
+    let client = reqwest::Client::new();
+    let issued = client
+        .post(format!("{}/api/kim/events/tickets", server.base_url))
+        .bearer_auth(app.token("kim"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issued.status(), StatusCode::CREATED);
+    let body: serde_json::Value = serde_json::from_slice(&issued.bytes().await.unwrap()).unwrap();
+    let url = format!(
+        "{}/api/kim/events?ticket={}",
+        server.base_url,
+        body["ticket"].as_str().unwrap()
+    );
+    let stream = client.get(&url).send().await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    for expected in [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(client.get(&url).send().await.unwrap().status(), expected);
+    }
+    drop(stream);
 }
