@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use url::Url;
 
+pub mod cache;
 pub mod claims;
 pub mod jwks;
 
@@ -105,6 +106,8 @@ pub struct Verifier {
     secret_rules: ClaimRules,
     jwks: Option<Arc<JwksCache>>,
     jwks_rules: ClaimRules,
+    /// JWKS tokens already verified.
+    verified: cache::VerifiedTokens,
 }
 
 /// The part of a JOSE header this service reads.
@@ -133,7 +136,13 @@ impl Verifier {
                 .clone()
                 .map(|url| Arc::new(JwksCache::new(url, settings))),
             jwks_rules: config.jwks_rules(),
+            verified: cache::VerifiedTokens::default(),
         }
+    }
+
+    /// The cache of verified JWKS tokens (entries, bytes), for tests of its bounds.
+    pub fn cached_tokens(&self) -> (u64, u64) {
+        self.verified.size()
     }
 
     /// JWKS fetches by outcome, when a JWKS is configured.
@@ -159,6 +168,11 @@ impl Verifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::AuthInvalid("Token is too large"));
         }
+        if self.jwks.is_some()
+            && let Some(identity) = self.verified.get(token)
+        {
+            return Ok(identity);
+        }
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -176,37 +190,41 @@ impl Verifier {
         let message = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
         let not_accepted = ApiError::AuthInvalid("Token algorithm is not accepted");
 
-        let rules = if HMAC_ALGORITHMS.contains(&header.alg.as_str()) {
+        let claims = |rules: &ClaimRules| {
+            let payload = URL_SAFE_NO_PAD.decode(payload_b64).map_err(|_| MALFORMED)?;
+            rules.identity_of(&payload).map_err(ApiError::AuthInvalid)
+        };
+
+        if HMAC_ALGORITHMS.contains(&header.alg.as_str()) {
             let key = self.secret.as_ref().ok_or(not_accepted)?;
             let alg = Algorithm::from_str(&header.alg).map_err(|_| MALFORMED)?;
             if !jsonwebtoken::crypto::verify(signature, message, key, alg).unwrap_or(false) {
                 return Err(ApiError::AuthInvalid("Token signature is invalid"));
             }
-            &self.secret_rules
-        } else if ASYMMETRIC_ALGORITHMS.contains(&header.alg.as_str()) {
-            let jwks = self.jwks.as_ref().ok_or(not_accepted)?;
-            let key = jwks.key(header.kid.as_deref()).await.map_err(|e| match e {
-                KeyError::Unknown => ApiError::AuthInvalid("Token signing key is not known"),
-                KeyError::Unavailable => {
-                    ApiError::Unavailable("Signing keys are not available yet; try again")
-                }
-            })?;
-            // A key's `alg` fixes the one algorithm it accepts.
-            if key.alg() != header.alg {
-                return Err(ApiError::AuthInvalid(
-                    "Token algorithm does not match its key",
-                ));
-            }
-            if !key.verify(message, signature) {
-                return Err(ApiError::AuthInvalid("Token signature is invalid"));
-            }
-            &self.jwks_rules
-        } else {
+            return claims(&self.secret_rules);
+        }
+        if !ASYMMETRIC_ALGORITHMS.contains(&header.alg.as_str()) {
             return Err(not_accepted);
-        };
-
-        let payload = URL_SAFE_NO_PAD.decode(payload_b64).map_err(|_| MALFORMED)?;
-        rules.identity_of(&payload).map_err(ApiError::AuthInvalid)
+        }
+        let jwks = self.jwks.as_ref().ok_or(not_accepted)?;
+        let key = jwks.key(header.kid.as_deref()).await.map_err(|e| match e {
+            KeyError::Unknown => ApiError::AuthInvalid("Token signing key is not known"),
+            KeyError::Unavailable => {
+                ApiError::Unavailable("Signing keys are not available yet; try again")
+            }
+        })?;
+        // A key's `alg` fixes the one algorithm it accepts.
+        if key.alg() != header.alg {
+            return Err(ApiError::AuthInvalid(
+                "Token algorithm does not match its key",
+            ));
+        }
+        if !key.verify(message, signature) {
+            return Err(ApiError::AuthInvalid("Token signature is invalid"));
+        }
+        let identity = claims(&self.jwks_rules)?;
+        self.verified.insert(token, &identity, &key);
+        Ok(identity)
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Identity {
     /// The token's `exp` (seconds since the Unix epoch); it is accepted until
     /// [`LEEWAY_SECS`] after that.
     pub expires: f64,
+    /// The token's `nbf`, if it has one.
+    pub not_before: Option<f64>,
 }
 
 impl Identity {
@@ -113,7 +115,11 @@ impl ClaimRules {
         if user.is_empty() {
             return Err("Token has no user claim");
         }
-        Ok(Identity { user, expires: exp })
+        Ok(Identity {
+            user,
+            expires: exp,
+            not_before: claims.nbf,
+        })
     }
 }
 

@@ -161,9 +161,10 @@ pub fn parse_jwk(jwk: &Value) -> Result<(Option<String>, PublicKey), &'static st
 /// A fetched set of keys.
 #[derive(Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, Arc<PublicKey>>,
+    /// Each key with the JWK it was read from.
+    by_kid: HashMap<String, (String, Arc<PublicKey>)>,
     /// Keys published without a `kid`.
-    unnamed: Vec<Arc<PublicKey>>,
+    unnamed: Vec<(String, Arc<PublicKey>)>,
 }
 
 impl KeySet {
@@ -178,9 +179,9 @@ impl KeySet {
         for jwk in keys {
             match parse_jwk(jwk) {
                 Ok((Some(kid), key)) => {
-                    set.by_kid.insert(kid, Arc::new(key));
+                    set.by_kid.insert(kid, (jwk.to_string(), Arc::new(key)));
                 }
-                Ok((None, key)) => set.unnamed.push(Arc::new(key)),
+                Ok((None, key)) => set.unnamed.push((jwk.to_string(), Arc::new(key))),
                 Err(why) => {
                     let kid = jwk.get("kid").and_then(Value::as_str).unwrap_or("-");
                     tracing::warn!(kid, why, "JWKS: skipping a key");
@@ -193,14 +194,33 @@ impl KeySet {
     /// The key for a token's `kid`; a token without one may use the set's only key.
     fn find(&self, kid: Option<&str>) -> Option<Arc<PublicKey>> {
         match kid {
-            Some(kid) => self.by_kid.get(kid).cloned(),
+            Some(kid) => self.by_kid.get(kid).map(|(_, key)| key.clone()),
             None if self.by_kid.len() + self.unnamed.len() == 1 => self
                 .unnamed
                 .first()
                 .or_else(|| self.by_kid.values().next())
-                .cloned(),
+                .map(|(_, key)| key.clone()),
             None => None,
         }
+    }
+
+    /// Keeps `previous`'s key objects for the keys published unchanged (same JWK): the
+    /// tokens they verified stay verified, while a key no longer published is freed, and
+    /// with it every cached verification it made (see `super::cache`).
+    fn keeping_unchanged(mut self, previous: &KeySet) -> Self {
+        for (kid, (source, key)) in &mut self.by_kid {
+            if let Some((old_source, old_key)) = previous.by_kid.get(kid)
+                && old_source == source
+            {
+                *key = old_key.clone();
+            }
+        }
+        for (source, key) in &mut self.unnamed {
+            if let Some((_, old_key)) = previous.unnamed.iter().find(|(s, _)| s == source) {
+                *key = old_key.clone();
+            }
+        }
+        self
     }
 
     fn len(&self) -> usize {
@@ -291,10 +311,15 @@ impl JwksCache {
         match result {
             Ok(set) => {
                 tracing::info!(url = %self.url, keys = set.len(), "JWKS: fetched");
-                *self
+                let mut keys = self
                     .keys
                     .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(set));
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let set = match keys.as_deref() {
+                    Some(previous) => set.keeping_unchanged(previous),
+                    None => set,
+                };
+                *keys = Some(Arc::new(set));
                 true
             }
             Err(error) => {

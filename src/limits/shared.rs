@@ -29,7 +29,7 @@ const QUEUE: usize = 4096;
 /// Steps in one script call at most.
 const MAX_BATCH: usize = 64;
 /// Script calls in flight at once.
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 2;
 
 /// The step of [`super::gcra::step`] for each of `KEYS`, with `ARGV[2i-1]` its interval
 /// and `ARGV[2i]` its tolerance (µs). Returns `{allowed, now, tat}` for each: the TAT after

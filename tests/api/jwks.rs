@@ -705,3 +705,75 @@ async fn a_client_that_goes_away_does_not_cancel_the_refetch_it_started() {
     assert_eq!(list(&app, "u", &token).await.status, StatusCode::OK);
     assert_eq!(server.fetches(), 1);
 }
+
+/// Verified JWKS tokens are remembered (by hash), only after a successful verification,
+/// with `exp` checked again on every hit, and forgotten with their key once a refetch no
+/// longer publishes it — while tokens of a key published unchanged stay remembered.
+#[tokio::test]
+async fn verified_tokens_are_remembered_until_their_expiry_or_their_key_goes() {
+    let (a, b, c) = (
+        TestKey::generate("EdDSA", "a"),
+        TestKey::generate("RS256", "b"),
+        TestKey::generate("EdDSA", "c"),
+    );
+    let server = JwksServer::start(vec![a.jwk(), b.jwk()]).await;
+    let auth = better_auth(&server.base_url, true);
+    let verifier = Verifier::with_jwks_settings(&auth, fast());
+    let (token_a, token_b) = (a.sign(&claims(&server, "u")), b.sign(&claims(&server, "v")));
+    for _ in 0..3 {
+        assert_eq!(verifier.identify(&token_a).await.unwrap().user, "u");
+    }
+    assert_eq!(verifier.identify(&token_b).await.unwrap().user, "v");
+    assert_eq!(verifier.cached_tokens().0, 2);
+
+    // Garbage cannot fill it: forged signatures, unknown keys, expired tokens; nor do
+    // shared-secret tokens go in (checking their HMAC costs what hashing them would).
+    for i in 0..100 {
+        let (head, _) = token_a.rsplit_once('.').unwrap();
+        let forged = format!("{head}.{}", b64(&json!(i)));
+        assert!(verifier.identify(&forged).await.is_err());
+    }
+    let mut expired = claims(&server, "u");
+    expired["exp"] = json!(now() - 3600);
+    assert!(verifier.identify(&a.sign(&expired)).await.is_err());
+    assert!(
+        verifier
+            .identify(&c.sign(&claims(&server, "w")))
+            .await
+            .is_err()
+    );
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "h", "exp": now() + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(verifier.identify(&hs).await.unwrap().user, "h");
+    assert_eq!(verifier.cached_tokens().0, 2);
+
+    // A hit still checks `exp`: a token a second from the end of its skew allowance is
+    // accepted (and remembered), then refused once it has passed.
+    let mut ending = claims(&server, "u");
+    ending["exp"] = json!(now() - 59);
+    let ending = a.sign(&ending);
+    assert!(verifier.identify(&ending).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let refused = verifier.identify(&ending).await.unwrap_err();
+    assert!(refused.to_string().contains("expired"), "{refused}");
+
+    // Key a goes, b stays: the next refetch (a token of the new key c asks for it)
+    // ends a's remembered tokens at once; b's still verify.
+    server.set_keys(vec![b.jwk(), c.jwk()]);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        verifier
+            .identify(&c.sign(&claims(&server, "w")))
+            .await
+            .unwrap()
+            .user,
+        "w"
+    );
+    let refused = verifier.identify(&token_a).await.unwrap_err();
+    assert!(refused.to_string().contains("not known"), "{refused}");
+    assert_eq!(verifier.identify(&token_b).await.unwrap().user, "v");
+}
