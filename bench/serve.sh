@@ -17,6 +17,11 @@
 #                         prefix (bench:<random>:) for each server start; the keys are
 #                         deleted at exit
 #   off                   both limits off (RATE_LIMIT=0 AUTH_FAILURE_LIMIT=0)
+#
+# BENCH_TOKENS: hs256 (the default: tokens from the service's `token` command, signed with
+# the shared secret), eddsa or rs256: tokens signed as Better Auth signs them, by a fixed
+# benchmark key whose JWKS a local web server publishes (JWKS_URL), made by
+# examples/bench_tokens.rs. Sets tokens_note.
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 # BENCH_BINARY: another build to measure (e.g. an earlier release), instead of this tree's.
 if [ -z "${BENCH_BINARY:-}" ]; then
@@ -122,6 +127,24 @@ server_counters() {
     END { printf "%d %d\n", limited, redis }' <<<"$text"
 }
 
+tokens=${BENCH_TOKENS:-hs256}
+case $tokens in
+  hs256) tokens_note="HS256 tokens" ;;
+  eddsa|rs256)
+    alg=$([ "$tokens" = eddsa ] && echo EdDSA || echo RS256)
+    cargo build --release --locked -q --example bench_tokens
+    target/release/examples/bench_tokens jwks "$alg" > "$work/jwks.json"
+    jwks_port=${BENCH_JWKS_PORT:-$((port + 2000))}
+    python3 -m http.server --bind 127.0.0.1 --directory "$work" "$jwks_port" >/dev/null 2>&1 &
+    jwks_server=$!
+    for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$jwks_port/jwks.json" >/dev/null && break; sleep 0.1; done
+    export JWKS_URL=http://127.0.0.1:$jwks_port/jwks.json
+    tokens_note="$alg tokens (JWKS)"
+    ;;
+  *) echo "BENCH_TOKENS: expected hs256, eddsa or rs256, got \"$tokens\"" >&2; exit 1 ;;
+esac
+trap 'stop_server; kill "${jwks_server:-}" 2>/dev/null || true; redis_clean; rm -rf "$work"' EXIT
+
 export JWT_SECRET=bench-secret-bench-secret-bench-secret
 export DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$work/bench.db}
 export PORT=$port HOST=127.0.0.1 RUST_LOG=${RUST_LOG:-warn}
@@ -138,4 +161,8 @@ start_server
 echo "seeding 100 users x 20 tasks…" >&2
 python3 bench/seed.py "http://127.0.0.1:$port" "$binary" > "$work/users.txt"
 export BENCH_USERS=$work/users.txt
+if [ "$tokens" != hs256 ]; then
+  target/release/examples/bench_tokens sign "$alg" < "$work/users.txt" > "$work/users-$tokens.txt"
+  export BENCH_USERS=$work/users-$tokens.txt
+fi
 backend=$(curl -s "http://127.0.0.1:$port/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["database"])')
