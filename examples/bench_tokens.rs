@@ -57,7 +57,8 @@ impl Key {
     }
 
     fn sign(&self, claims: &Value) -> String {
-        let header = json!({"alg": self.alg(), "kid": format!("bench-{}", self.alg()), "typ": "JWT"});
+        let header =
+            json!({"alg": self.alg(), "kid": format!("bench-{}", self.alg()), "typ": "JWT"});
         let message = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -87,11 +88,15 @@ fn main() {
     match command.as_str() {
         "jwks" => println!("{}", json!({"keys": [key.jwk()]})),
         "sign" => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
             for line in std::io::stdin().lock().lines() {
                 let line = line.unwrap();
                 let mut fields = line.split_whitespace();
-                let (Some(user), Some(_), Some(first)) = (fields.next(), fields.next(), fields.next())
+                let (Some(user), Some(_), Some(first)) =
+                    (fields.next(), fields.next(), fields.next())
                 else {
                     continue;
                 };

@@ -186,13 +186,8 @@ impl Config {
         let shutdown_delay = match get("SHUTDOWN_DELAY") {
             None => std::time::Duration::ZERO,
             Some(v) => {
-                // Bare numbers are seconds; `0`/`0s` is the default (no delay).
-                let trimmed = v.trim();
-                let parsed = trimmed
-                    .parse::<u64>()
-                    .map(std::time::Duration::from_secs)
-                    .or_else(|_| humantime::parse_duration(trimmed));
-                match parsed {
+                // `0`/`0s` is the default (no delay).
+                match seconds_or_duration(&v) {
                     Ok(d) if d <= std::time::Duration::from_secs(300) => d,
                     _ => {
                         return Err(ConfigError::new(
@@ -305,26 +300,17 @@ fn limits_config(get: &impl Fn(&str) -> Option<String>) -> Result<LimitSettings,
     let quota = count("RATE_LIMIT", crate::limits::DEFAULT_RATE_LIMIT)?;
     let window = match get("RATE_LIMIT_WINDOW") {
         None => crate::limits::DEFAULT_RATE_LIMIT_WINDOW_SECS,
-        Some(v) => {
-            let trimmed = v.trim();
-            let parsed = trimmed
-                .parse::<u64>()
-                .map(std::time::Duration::from_secs)
-                .or_else(|_| humantime::parse_duration(trimmed));
-            match parsed {
-                Ok(d) if d.subsec_nanos() == 0 && (1..=86_400).contains(&d.as_secs()) => {
-                    d.as_secs() as u32
-                }
-                _ => {
-                    return Err(ConfigError::new(
-                        "RATE_LIMIT_WINDOW",
-                        format!(
-                            "expected whole seconds from 1s to 24h, such as 60s or 1m, got {v:?}"
-                        ),
-                    ));
-                }
+        Some(v) => match seconds_or_duration(&v) {
+            Ok(d) if d.subsec_nanos() == 0 && (1..=86_400).contains(&d.as_secs()) => {
+                d.as_secs() as u32
             }
-        }
+            _ => {
+                return Err(ConfigError::new(
+                    "RATE_LIMIT_WINDOW",
+                    format!("expected whole seconds from 1s to 24h, such as 60s or 1m, got {v:?}"),
+                ));
+            }
+        },
     };
     let auth_failures = count(
         "AUTH_FAILURE_LIMIT",
@@ -451,6 +437,15 @@ fn events_config(get: &impl Fn(&str) -> Option<String>) -> Result<EventSettings,
         listener_url: listener_url.map(SecretString::from),
         ..defaults
     })
+}
+
+/// Whole seconds (`60`) or any humantime duration (`60s`, `1m`, `1500ms`), zero included.
+fn seconds_or_duration(value: &str) -> Result<std::time::Duration, humantime::DurationError> {
+    let trimmed = value.trim();
+    match trimmed.parse::<u64>() {
+        Ok(seconds) => Ok(std::time::Duration::from_secs(seconds)),
+        Err(_) => humantime::parse_duration(trimmed),
+    }
 }
 
 /// A duration as the contract writes them: `30d`, `24h`, `60s`, `500ms` (any

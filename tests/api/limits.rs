@@ -166,22 +166,26 @@ async fn the_defaults_are_on_and_zero_turns_the_limit_off() {
 async fn concurrent_requests_never_pass_more_than_the_quota() {
     let app = std::sync::Arc::new(sqlite(limited(10, 3600)).await);
     for round in 0..10 {
-        let user = format!("race-{round}");
-        let replies = futures_util::future::join_all((0..40).map(|_| {
-            let (app, user) = (app.clone(), user.clone());
-            tokio::spawn(async move {
-                app.call(Method::GET, &format!("/api/{user}/tasks"), &user, None)
-                    .await
-                    .status
-            })
-        }))
-        .await;
-        let ok = replies
-            .into_iter()
-            .filter(|r| *r.as_ref().unwrap() == StatusCode::OK)
-            .count();
+        let ok = racing(&[app.clone()], &format!("race-{round}"), 40).await;
         assert_eq!(ok, 10, "round {round}");
     }
+}
+
+/// Sends `n` requests of `user` at once, spread over `apps`; how many got 200.
+async fn racing(apps: &[std::sync::Arc<TestApp>], user: &str, n: usize) -> usize {
+    let replies = futures_util::future::join_all((0..n).map(|i| {
+        let (app, user) = (apps[i % apps.len()].clone(), user.to_owned());
+        tokio::spawn(async move {
+            app.call(Method::GET, &format!("/api/{user}/tasks"), &user, None)
+                .await
+                .status
+        })
+    }))
+    .await;
+    replies
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap() == StatusCode::OK)
+        .count()
 }
 
 /// The failed-authentication limit per client address, over a real connection (the peer
@@ -328,21 +332,7 @@ async fn instances_sharing_redis_share_the_quota() {
         reply.assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
     }
     for round in 0..8 {
-        let user = format!("racer-{round}");
-        let replies = futures_util::future::join_all((0..30).map(|i| {
-            let app = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let user = user.clone();
-            tokio::spawn(async move {
-                app.call(Method::GET, &format!("/api/{user}/tasks"), &user, None)
-                    .await
-                    .status
-            })
-        }))
-        .await;
-        let ok = replies
-            .into_iter()
-            .filter(|r| *r.as_ref().unwrap() == StatusCode::OK)
-            .count();
+        let ok = racing(&[a.clone(), b.clone()], &format!("racer-{round}"), 30).await;
         assert_eq!(ok, 10, "round {round}");
     }
 }
