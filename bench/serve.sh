@@ -19,8 +19,8 @@
 #   off                   both limits off (RATE_LIMIT=0 AUTH_FAILURE_LIMIT=0)
 #
 # BENCH_TOKENS: hs256 (the default: tokens from the service's `token` command, signed with
-# the shared secret), eddsa or rs256: tokens signed as Better Auth signs them, by a fixed
-# benchmark key whose JWKS a local web server publishes (JWKS_URL), made by
+# the shared secret), eddsa or rs256: tokens signed as Better Auth signs them, by a key
+# made for the run whose JWKS a local web server publishes (JWKS_URL), made by
 # examples/bench_tokens.rs. Sets tokens_note.
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 # BENCH_BINARY: another build to measure (e.g. an earlier release), instead of this tree's.
@@ -133,7 +133,7 @@ case $tokens in
   eddsa|rs256)
     alg=$([ "$tokens" = eddsa ] && echo EdDSA || echo RS256)
     cargo build --release --locked -q --example bench_tokens
-    target/release/examples/bench_tokens jwks "$alg" > "$work/jwks.json"
+    target/release/examples/bench_tokens jwks "$alg" "$work/key.der" > "$work/jwks.json"
     jwks_port=${BENCH_JWKS_PORT:-$((port + 2000))}
     python3 -m http.server --bind 127.0.0.1 --directory "$work" "$jwks_port" >/dev/null 2>&1 &
     jwks_server=$!
@@ -162,7 +162,7 @@ echo "seeding 100 users x 20 tasks…" >&2
 python3 bench/seed.py "http://127.0.0.1:$port" "$binary" > "$work/users.txt"
 export BENCH_USERS=$work/users.txt
 if [ "$tokens" != hs256 ]; then
-  target/release/examples/bench_tokens sign "$alg" < "$work/users.txt" > "$work/users-$tokens.txt"
+  target/release/examples/bench_tokens sign "$alg" "$work/key.der" < "$work/users.txt" > "$work/users-$tokens.txt"
   export BENCH_USERS=$work/users-$tokens.txt
 fi
 backend=$(curl -s "http://127.0.0.1:$port/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["database"])')

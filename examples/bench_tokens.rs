@@ -1,19 +1,17 @@
 //! Tokens signed as Better Auth signs them (EdDSA from its JWKS by default, or RS256),
-//! for the benchmark: `jwks <alg>` prints the JWKS a local server publishes, `sign <alg>`
-//! reads `user token first_id` lines and prints them with the token re-signed.
+//! for the benchmark: `jwks <alg> <key file>` makes a key, keeps it in the file and prints
+//! the JWKS a local server publishes; `sign <alg> <key file>` reads `user token first_id`
+//! lines and prints them with the token signed by that key.
 //!
-//! The keys are fixed (a constant Ed25519 seed, `bench/rs256-key.pem`): benchmark keys,
-//! never used for anything else.
-//!
-//!   cargo run --release --example bench_tokens -- jwks EdDSA > jwks.json
-//!   cargo run --release --example bench_tokens -- sign EdDSA < users.txt > users-eddsa.txt
+//!   cargo run --release --example bench_tokens -- jwks EdDSA /tmp/k > jwks.json
+//!   cargo run --release --example bench_tokens -- sign EdDSA /tmp/k < users.txt > users-eddsa.txt
 
 use std::io::BufRead;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use rsa::pkcs8::DecodePrivateKey;
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
 
@@ -23,13 +21,33 @@ enum Key {
 }
 
 impl Key {
-    fn load(alg: &str) -> Self {
-        match alg {
-            "EdDSA" => Self::Ed(ed25519_dalek::SigningKey::from_bytes(&[7; 32])),
-            "RS256" => {
-                let pem = include_str!("../bench/rs256-key.pem");
-                Self::Rs(rsa::RsaPrivateKey::from_pkcs8_pem(pem).expect("bench/rs256-key.pem"))
+    /// A new key, kept (PKCS#8 PEM) in `file` for `sign` to load.
+    fn generate(alg: &str, file: &str) -> Self {
+        let mut rng = rand_core::OsRng;
+        let key = match alg {
+            "EdDSA" => Self::Ed(ed25519_dalek::SigningKey::generate(&mut rng)),
+            "RS256" => Self::Rs(rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap()),
+            other => panic!("expected EdDSA or RS256, got {other}"),
+        };
+        let pem = match &key {
+            Self::Ed(k) => {
+                use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+                k.to_pkcs8_der().unwrap().as_bytes().to_vec()
             }
+            Self::Rs(k) => k.to_pkcs8_der().unwrap().as_bytes().to_vec(),
+        };
+        std::fs::write(file, pem).unwrap();
+        key
+    }
+
+    fn load(alg: &str, file: &str) -> Self {
+        let der = std::fs::read(file).unwrap();
+        match alg {
+            "EdDSA" => {
+                use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+                Self::Ed(ed25519_dalek::SigningKey::from_pkcs8_der(&der).unwrap())
+            }
+            "RS256" => Self::Rs(rsa::RsaPrivateKey::from_pkcs8_der(&der).unwrap()),
             other => panic!("expected EdDSA or RS256, got {other}"),
         }
     }
@@ -81,13 +99,13 @@ impl Key {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [command, alg] = args.as_slice() else {
-        panic!("usage: bench_tokens jwks|sign EdDSA|RS256");
+    let [command, alg, file] = args.as_slice() else {
+        panic!("usage: bench_tokens jwks|sign EdDSA|RS256 <key file>");
     };
-    let key = Key::load(alg);
     match command.as_str() {
-        "jwks" => println!("{}", json!({"keys": [key.jwk()]})),
+        "jwks" => println!("{}", json!({"keys": [Key::generate(alg, file).jwk()]})),
         "sign" => {
+            let key = Key::load(alg, file);
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap()
