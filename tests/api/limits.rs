@@ -166,7 +166,7 @@ async fn the_defaults_are_on_and_zero_turns_the_limit_off() {
 async fn concurrent_requests_never_pass_more_than_the_quota() {
     let app = std::sync::Arc::new(sqlite(limited(10, 3600)).await);
     for round in 0..10 {
-        let ok = racing(&[app.clone()], &format!("race-{round}"), 40).await;
+        let ok = racing(std::slice::from_ref(&app), &format!("race-{round}"), 40).await;
         assert_eq!(ok, 10, "round {round}");
     }
 }
