@@ -648,17 +648,24 @@ async fn three_instances_behind_haproxy_survive_a_kill_and_a_rolling_restart() {
         .sum();
     let extra = stored.len() as i64 - acked_count as i64;
 
-    // One user, as fast as four connections go, through the balancer: accepted requests
-    // stay within the quota plus what refills meanwhile.
+    // One user, as fast as four connections go, through the balancer, for 3 s and until
+    // the quota is spent (however slow the machine): accepted requests stay within the
+    // quota plus what refills meanwhile.
     let greedy = token("greedy");
     let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let greedy_started = Instant::now();
     let hammer: Vec<_> = (0..4)
         .map(|_| {
-            let (base, token, accepted) = (base.clone(), greedy.clone(), accepted.clone());
+            let (base, token) = (base.clone(), greedy.clone());
+            let (accepted, refused) = (accepted.clone(), refused.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
-                while greedy_started.elapsed() < Duration::from_secs(3) {
+                let busy = || {
+                    greedy_started.elapsed() < Duration::from_secs(3)
+                        || refused.load(Ordering::Relaxed) < 20
+                };
+                while busy() && greedy_started.elapsed() < Duration::from_secs(30) {
                     let r = client
                         .get(format!("{base}/api/greedy/tasks"))
                         .bearer_auth(&token)
@@ -669,6 +676,7 @@ async fn three_instances_behind_haproxy_survive_a_kill_and_a_rolling_restart() {
                         accepted.fetch_add(1, Ordering::Relaxed);
                     } else {
                         assert_eq!(r.status(), 429);
+                        refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })
@@ -711,8 +719,8 @@ async fn three_instances_behind_haproxy_survive_a_kill_and_a_rolling_restart() {
     assert!(
         kill_failures
             .iter()
-            .all(|f| f.started <= killed_at + Duration::from_millis(200)),
-        "a request sent after the kill failed: {kill_failures:?}"
+            .all(|f| f.started <= killed_at + Duration::from_secs(1)),
+        "a request sent well after the kill failed: {kill_failures:?}"
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(
