@@ -86,6 +86,9 @@ pub struct SqliteTaskStore {
     writer: Pool<SqliteConnection>,
 }
 
+/// Page cache per SQLite connection, in KiB.
+pub const SQLITE_PAGE_CACHE_KIB: u32 = 1024;
+
 impl SqliteTaskStore {
     /// Opens (creating if missing) the database file, in WAL mode, and migrates it.
     pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, sqlx::Error> {
@@ -97,7 +100,12 @@ impl SqliteTaskStore {
             .synchronous(SqliteSynchronous::Normal)
             // Another process (a backup, the sqlite3 shell) may hold the write lock:
             // wait for it instead of failing at once.
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Each connection keeps its own page cache (SQLite's default: 2 MB): 1 MiB
+            // each keeps the process's memory bounded (`DATABASE_MAX_CONNECTIONS` readers
+            // and the writer) while the hot pages of a large user still fit; the rest
+            // comes from the operating system's file cache.
+            .pragma("cache_size", format!("-{SQLITE_PAGE_CACHE_KIB}"));
         let connect = move || -> super::pool::Connect<SqliteConnection> {
             let options = options.clone();
             Box::new(move || {
@@ -143,11 +151,11 @@ impl SqliteTaskStore {
         Ok(Self { readers, writer })
     }
 
-    /// Closes every connection; calls made afterwards fail.
     fn as_postgres(&self) -> Option<super::PgTaskStore> {
         None
     }
 
+    /// Closes every connection; calls made afterwards fail.
     pub fn close(&self) {
         self.readers.close();
         self.writer.close();
@@ -236,3 +244,24 @@ impl Backend for SqliteTaskStore {
 }
 
 impl_task_store!(SqliteTaskStore, "sqlite");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_connection_caps_its_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
+        let store = SqliteTaskStore::connect(&url, &PoolSettings::default())
+            .await
+            .unwrap();
+        for mut conn in [store.read().await.unwrap(), store.write().await.unwrap()] {
+            let size: i64 = conn
+                .run(async |c| sqlx::query_scalar("PRAGMA cache_size").fetch_one(c).await)
+                .await
+                .unwrap();
+            assert_eq!(size, -i64::from(SQLITE_PAGE_CACHE_KIB));
+        }
+    }
+}
