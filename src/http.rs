@@ -42,9 +42,22 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What every handler can reach.
+/// What every handler can reach, behind one `Arc`: axum clones the state for every
+/// request (each `State` extractor and middleware), so a clone is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+#[derive(Clone)]
+pub struct Shared {
     pub store: Arc<dyn TaskStore>,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
@@ -91,7 +104,7 @@ impl AppState {
             metrics.open_streams(),
             CancellationToken::new(),
         );
-        Self {
+        Self(Arc::new(Shared {
             store,
             verifier: Arc::new(verifier),
             metrics: Arc::new(metrics),
@@ -102,7 +115,7 @@ impl AppState {
             events,
             limits: Arc::new(Limits::off()),
             draining: Draining::default(),
-        }
+        }))
     }
 }
 
@@ -172,7 +185,8 @@ impl From<BodyError> for ApiError {
 
 /// The whole service as one router: the API, its OpenAPI document at `/openapi.json`
 /// and Swagger UI at `/docs` (assets served from the binary).
-pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
+pub fn app(state: AppState, options: &HttpOptions) -> Router {
+    let mut state = Arc::unwrap_or_clone(state.0);
     state.require_if_match = options.require_if_match;
     state.idempotency_ttl = options.idempotency_ttl;
     state.sync_retention = options.sync_retention;
@@ -199,6 +213,7 @@ pub fn app(mut state: AppState, options: &HttpOptions) -> Router {
         ),
     );
     state.draining = options.draining.clone();
+    let state = AppState(Arc::new(state));
     let (api, document) = tasks::router()
         .merge(changes::router())
         .merge(events::router())

@@ -109,23 +109,28 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        // Drop cannot await; a short-lived runtime on its own thread does the clean-up.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&url).await {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
+        let name = &self.name;
+        clean_up(&self.url, format!("DROP SCHEMA IF EXISTS {name} CASCADE"));
     }
+}
+
+/// Runs one clean-up statement on the server at `url`, from `Drop` (which cannot await):
+/// a short-lived runtime on its own thread does it. Failures are ignored.
+fn clean_up(url: &str, statement: String) {
+    let url = url.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use sqlx::Executor;
+            if let Ok(mut conn) = PgConnection::connect(&url).await {
+                let _ = conn.execute(&*statement).await;
+            }
+        });
+    })
+    .join();
 }
 
 /// The service's options with the rate limits off, for tests that send one user's
@@ -315,22 +320,10 @@ fn stop(watcher: &mut std::process::Child) {
 
 /// Drops a test's database, whoever is still connected to it.
 fn drop_database(server_url: &str, name: &str) {
-    let (url, name) = (server_url.to_owned(), name.to_owned());
-    let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use sqlx::Executor;
-            if let Ok(mut conn) = PgConnection::connect(&url).await {
-                let _ = conn
-                    .execute(&*format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
-    })
-    .join();
+    clean_up(
+        server_url,
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
 }
 
 /// Whether this process runs as root (Linux).
