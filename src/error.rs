@@ -76,7 +76,7 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     /// 500: the database failed or is unreachable. The cause is logged, never shown.
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// 500: the database did not answer within the deadline.
     #[error("database deadline exceeded")]
     DatabaseTimeout,

@@ -7,6 +7,9 @@
 //! statement touches no row does a second query tell "no such task" (404) from "someone
 //! else's task" (403) from "another version" (412).
 //!
+//! The logic of every call is written once (`sql`), over what a backend provides: how it
+//! sends one statement and reads its rows.
+//!
 //! Every write also bumps the user's change counter: a trigger in the schema does it, in
 //! the write's own transaction (see the migrations).
 
@@ -38,8 +41,9 @@ pub enum StoreError {
     NotFound,
     #[error("task belongs to another user")]
     NotOwner,
+    /// The database failed or could not be reached (the cause is logged, never shown).
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(Box<dyn std::error::Error + Send + Sync>),
     #[error("the database did not answer within {CALL_DEADLINE:?}")]
     Timeout,
     /// The task exists and is the caller's, but its version is not one `If-Match` named.
@@ -49,6 +53,30 @@ pub enum StoreError {
     /// same key are claiming and expiring it right now.
     #[error("idempotency key contended")]
     KeyContended,
+}
+
+impl StoreError {
+    /// A database error described by the store itself.
+    pub fn database(what: &'static str) -> Self {
+        Self::Database(what.into())
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(Box::new(error))
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    /// With the server's own message when it sent one (tokio-postgres shows only "db
+    /// error" for those).
+    fn from(error: tokio_postgres::Error) -> Self {
+        match error.as_db_error() {
+            Some(db) => Self::Database(format!("database error: {db}").into()),
+            None => Self::Database(Box::new(error)),
+        }
+    }
 }
 
 /// A page of the user's tasks and their change counter, read in one snapshot.
@@ -229,7 +257,7 @@ pub async fn within_deadline<T>(
 }
 
 /// Opens the store a `DATABASE_URL` names and brings its schema up to date.
-pub async fn connect(url: &str, pool: &PoolSettings) -> Result<Arc<dyn TaskStore>, sqlx::Error> {
+pub async fn connect(url: &str, pool: &PoolSettings) -> Result<Arc<dyn TaskStore>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteTaskStore::connect(url, pool).await?))
     } else {
@@ -256,7 +284,7 @@ fn missing(found: Option<(String, i64)>, user_id: &str) -> StoreError {
 /// made by the first instance to start, read by the others.
 pub async fn cursor_key(store: &dyn TaskStore) -> Result<crate::cursors::CursorKey, StoreError> {
     let candidate = crate::cursors::CursorKey::generate_secret()
-        .map_err(|e| StoreError::Database(sqlx::Error::Io(std::io::Error::other(e.to_string()))))?;
+        .map_err(|_| StoreError::database("the operating system's random source failed"))?;
     let secret = within_deadline(store.shared_secret("cursor_key", &candidate)).await?;
     Ok(crate::cursors::CursorKey::new(&secret))
 }

@@ -1,4 +1,4 @@
-//! The connection pool both stores share: deadpool's pool over sqlx connections.
+//! The SQLite store's connection pool: deadpool's pool over sqlx connections.
 //!
 //! Why not `sqlx::Pool`: it pings every connection as it is returned (a full round trip
 //! to the database per request, on a spawned task) so that a connection left mid-call by
@@ -8,13 +8,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sqlx::Connection;
-use sqlx::database::HasStatementCache;
 
 use super::PoolStatus;
 
@@ -39,12 +37,6 @@ pub struct Lifecycle {
     pub idle_timeout: Option<Duration>,
     /// Whether a connection whose last call was cut short or failed is dropped.
     pub drop_interrupted: bool,
-    /// Behind a transaction-mode pooler: every call runs in a transaction of its own,
-    /// which also cancels its statements past this `statement_timeout` and ends the
-    /// session if it is left idle inside the transaction that long (a call cut short
-    /// cannot hold the pooler's server connection, or its row locks, until the
-    /// connection's next checkout). `None`: calls run as they are.
-    pub transaction_per_call: Option<Duration>,
 }
 
 impl Lifecycle {
@@ -56,94 +48,34 @@ impl Lifecycle {
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             idle_timeout: Some(Duration::from_secs(10 * 60)),
             drop_interrupted: true,
-            transaction_per_call: None,
         }
     }
-}
-
-/// The statement that opens a call's transaction, with its limits: one simple query, so
-/// one round trip however many settings it makes.
-fn begin_statement(timeout: Duration) -> String {
-    let ms = timeout.as_millis().max(1);
-    format!(
-        "BEGIN; SET LOCAL statement_timeout = {ms}; \
-         SET LOCAL idle_in_transaction_session_timeout = {ms}"
-    )
 }
 
 /// A pooled connection and whether its last call ran to completion.
 pub struct Tracked<C> {
     conn: C,
     interrupted: bool,
-    /// Opens each call's transaction ([`Lifecycle::transaction_per_call`]).
-    begin: Option<Arc<str>>,
 }
 
-impl<C> Tracked<C>
-where
-    C: Connection,
-    C::Database: HasStatementCache,
-{
+impl<C: Connection> Tracked<C> {
     /// Runs one database call on the connection. Only a call that returns `Ok` leaves it
     /// reusable: one cancelled mid-way (a deadline) or failed may have left unread
     /// replies or a broken socket behind.
-    ///
-    /// Behind a transaction pooler the call runs between `BEGIN` and `COMMIT` (rolled back
-    /// if it fails): sqlx sends a statement's parse and its execution as two exchanges,
-    /// and outside a transaction the pooler may hand each to another server connection.
     pub async fn run<T>(
         &mut self,
         call: impl AsyncFnOnce(&mut C) -> Result<T, sqlx::Error>,
     ) -> Result<T, sqlx::Error> {
         self.interrupted = true;
-        let result = match &self.begin {
-            None => call(&mut self.conn).await,
-            Some(begin) => in_transaction(&mut self.conn, begin, call).await,
-        };
+        let result = call(&mut self.conn).await;
         self.interrupted = result.is_err();
         result
-    }
-}
-
-/// `call` in a transaction that `begin` opens: committed if it succeeds, else rolled back.
-/// One unnamed statement so takes four round trips (`BEGIN` with its settings, parse,
-/// execute, `COMMIT`) where a named one already prepared takes one.
-async fn in_transaction<C, T>(
-    conn: &mut C,
-    begin: &str,
-    call: impl AsyncFnOnce(&mut C) -> Result<T, sqlx::Error>,
-) -> Result<T, sqlx::Error>
-where
-    C: Connection,
-    C::Database: HasStatementCache,
-{
-    let mut tx = conn.begin_with(begin.to_owned()).await?;
-    let result = call(&mut tx).await;
-    // A statement prepared under a name would stay on this server connection, where
-    // another client's statement may later collide with it.
-    debug_assert_eq!(
-        tx.cached_statements_size(),
-        0,
-        "a named statement behind a transaction pooler"
-    );
-    match result {
-        Ok(value) => {
-            tx.commit().await?;
-            Ok(value)
-        }
-        Err(error) => {
-            // The server connection goes back to the pooler's pool at once; the error is
-            // the call's, whatever the rollback gives.
-            let _ = tx.rollback().await;
-            Err(error)
-        }
     }
 }
 
 pub struct Manager<C> {
     connect: Connect<C>,
     lifecycle: Lifecycle,
-    begin: Option<Arc<str>>,
 }
 
 impl<C: Connection> managed::Manager for Manager<C> {
@@ -154,7 +86,6 @@ impl<C: Connection> managed::Manager for Manager<C> {
         Ok(Tracked {
             conn: (self.connect)().await?,
             interrupted: false,
-            begin: self.begin.clone(),
         })
     }
 
@@ -203,14 +134,7 @@ impl<C: Connection + 'static> Pool<C> {
         lifecycle: Lifecycle,
         acquire_wait: Histogram,
     ) -> Self {
-        let begin = lifecycle
-            .transaction_per_call
-            .map(|timeout| begin_statement(timeout).into());
-        let inner = managed::Pool::builder(Manager {
-            connect,
-            lifecycle,
-            begin,
-        })
+        let inner = managed::Pool::builder(Manager { connect, lifecycle })
         .max_size(max_size)
         // The most recently used connection first: under light load the same few
         // stay warm (no idle check), and the rest go idle and are closed.

@@ -1,4 +1,7 @@
 //! PostgreSQL task store (also hosted PostgreSQL such as Neon, over TLS).
+//!
+//! Requests run on tokio-postgres clients shared by every request ([`connections`]);
+//! the migrations and the event listener's `LISTEN` use sqlx, on connections of their own.
 
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
@@ -7,15 +10,20 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection, Executor};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
-use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
-use super::sql::{Backend, Dialect, Statements, impl_task_store};
+use super::pool::wait_histogram;
+use super::sql::{Arg, Db, Dialect, Row, Statements, Stmt, task_at};
 use super::{PoolSettings, PoolStatus, Pooler, StoreError};
 use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
-use crate::versions::VersionGuard;
+
+pub mod connections;
+pub mod tls;
+
+pub use connections::{Connections, Lease};
+use connections::{Sharing, Upkeep};
 
 struct Postgres;
 
@@ -42,6 +50,10 @@ impl Dialect for Postgres {
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Postgres>);
+static CLAIM: LazyLock<Stmt> = LazyLock::new(|| Stmt::write(CLAIM_KEY_AND_CREATE));
+static NOTIFY: LazyLock<Stmt> = LazyLock::new(|| {
+    Stmt::write("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+});
 
 /// Claims the key and inserts the task in one statement. The task's id is drawn first,
 /// so that the key's row can name it; a repeat draws one it never uses (ids may skip,
@@ -63,77 +75,49 @@ const CLAIM_KEY_AND_CREATE: &str = "
     SELECT task_id, $1, $3, $4, false, $5, $5, $7, $8, 1 FROM claim
     RETURNING id, user_id, title, description, complete, created_at, updated_at, version";
 
-fn to_instant(at: DateTime<Utc>) -> DateTime<Utc> {
-    at
-}
-
-/// `If-Match` versions as an `int8[]`; NULL for any.
-fn version_arg(guard: &VersionGuard) -> Option<&[i64]> {
-    match guard {
-        VersionGuard::Any => None,
-        VersionGuard::OneOf(versions) => Some(versions),
-    }
-}
-
-type Instant = DateTime<Utc>;
-type TaskRow = super::sql::TaskRow<Instant>;
-type StoredKeyRow = super::sql::StoredKeyRow<Instant>;
-
 /// How long start-up waits to reach the database: a suspended Neon compute takes a few
 /// seconds to wake.
 pub const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection is kept before it is replaced (as `sqlx::Pool`'s default).
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
 #[derive(Clone)]
 pub struct PgTaskStore {
-    pool: Pool<PgConnection>,
-    /// How the pool connects (the event listener connects the same way unless told
-    /// otherwise).
+    connections: Arc<Connections>,
+    /// How the event listener connects unless told otherwise (sqlx's options).
     options: PgConnectOptions,
-    /// Whether statements are prepared under names and kept per connection (not behind
-    /// a transaction pooler).
-    named_statements: bool,
 }
 
 impl PgTaskStore {
     /// Connects (TLS as `sslmode` says) and runs the embedded migrations, adopting a
     /// Stage 1 table if one is there.
-    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, sqlx::Error> {
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("task-api");
-        Self::connect_with(options, settings).await
-    }
-
-    pub async fn connect_with(
-        options: PgConnectOptions,
-        settings: &PoolSettings,
-    ) -> Result<Self, sqlx::Error> {
-        let (options, session_setup, lifecycle) = match settings.pooler {
+        let (mut config, tls) = tls::connection_settings(url)?;
+        config.application_name("task-api");
+        let sharing = match settings.pooler {
             // One round trip when a connection opens. Every statement here is prepared
             // once per connection and its best plan is the same whatever the parameters
             // (an index lookup by owner or id), so the generic plan is kept: by default
             // PostgreSQL re-plans the list statement on every execution, which costs more
             // than running it.
-            Pooler::None => (
-                options,
-                Some(Arc::<str>::from(format!(
+            Pooler::None => Sharing::Pipelined {
+                setup: format!(
                     "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
                     settings.statement_timeout.as_millis()
-                ))),
-                Lifecycle::server(settings.check_after_idle),
-            ),
+                ),
+            },
             // A session setting would stay on whichever server connection it reached:
-            // each call's transaction sets the timeout for itself instead, in the round
-            // trip that opens it. (An unnamed statement is planned for its parameters
-            // each time: there is no plan to keep.) And a pooler refuses startup
-            // parameters it does not track (PgBouncer by default all but a few): this one
-            // only shapes floats in text results, which no statement here reads.
-            Pooler::Transaction => (
-                options.extra_float_digits(None),
-                None,
-                Lifecycle {
-                    transaction_per_call: Some(settings.statement_timeout),
-                    ..Lifecycle::server(settings.check_after_idle)
-                },
-            ),
+            // each call's transaction sets its limits for itself instead, in the round
+            // trip that opens it. They also end the session if a call cut short leaves
+            // it idle inside its transaction, so that it cannot hold the pooler's server
+            // connection, or its row locks, until the client's next use. (An unnamed
+            // statement is planned for its parameters each time: there is no plan to
+            // keep.)
+            Pooler::Transaction => Sharing::Exclusive {
+                begin: begin_statement(settings.statement_timeout),
+            },
         };
 
         // Migrations run on a connection of their own, without the statement timeout:
@@ -149,44 +133,40 @@ impl PgTaskStore {
             }
             (None, Pooler::None) => options.clone(),
             (None, Pooler::Transaction) => {
-                return Err(sqlx::Error::Configuration(
+                return Err(StoreError::database(
                     "behind a transaction pooler the migrations need a direct URL \
-                     (DATABASE_DIRECT_URL)"
-                        .into(),
+                     (DATABASE_DIRECT_URL)",
                 ));
             }
         };
         let mut conn = tokio::time::timeout(STARTUP_CONNECT_TIMEOUT, migrations.connect())
             .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        sqlx::migrate!("migrations/postgres").run(&mut conn).await?;
+            .map_err(|_| StoreError::database("the database did not answer in time"))??;
+        sqlx::migrate!("migrations/postgres")
+            .run(&mut conn)
+            .await
+            .map_err(sqlx::Error::from)?;
         conn.close().await?;
 
-        let pool_options = options.clone();
-        let pool = Pool::new(
-            Box::new(move || {
-                let (options, session_setup) = (options.clone(), session_setup.clone());
-                Box::pin(async move {
-                    let mut conn = options.connect().await?;
-                    if let Some(setup) = session_setup {
-                        conn.execute(&*setup).await?;
-                    }
-                    Ok(conn)
-                })
-            }),
+        let connections = Connections::new(
+            config,
+            tls,
+            sharing,
             settings.max_connections as usize,
-            settings.acquire_timeout,
-            lifecycle,
+            Upkeep {
+                acquire_timeout: settings.acquire_timeout,
+                check_after_idle: settings.check_after_idle,
+                max_lifetime: MAX_LIFETIME,
+            },
             wait_histogram(),
         );
         Ok(Self {
-            pool,
-            options: pool_options,
-            named_statements: settings.pooler == Pooler::None,
+            connections: Arc::new(connections),
+            options,
         })
     }
 
-    /// How this store connects to PostgreSQL.
+    /// How the event listener connects to PostgreSQL (unless given a URL of its own).
     pub fn connect_options(&self) -> &PgConnectOptions {
         &self.options
     }
@@ -198,37 +178,88 @@ impl PgTaskStore {
     /// with the listeners that would have heard it — and waiting for a WAL flush would
     /// add a disk round trip to every change's way to other instances.
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
-        let mut conn = self.pool.get().await?;
-        conn.run(async |conn| {
-            sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
-                .persistent(self.named_statements)
-                .bind(channel)
-                .bind(payload)
-                .execute(conn)
-                .await
-        })
-        .await?;
+        self.fetch(&NOTIFY, &[Arg::Text(channel), Arg::Text(payload)])
+            .await?;
         Ok(())
     }
 
-    fn as_postgres(&self) -> Option<PgTaskStore> {
-        Some(self.clone())
+    /// A client of the store's own, for one call (tools and tests that need to send
+    /// their own statements).
+    pub async fn connection(&self) -> Result<Lease<'_>, StoreError> {
+        self.connections.get().await
     }
 
-    /// The store's connection pool (for tools and tests that need a raw connection).
-    pub fn pool(&self) -> &Pool<PgConnection> {
-        &self.pool
+    /// Closes every connection; calls made afterwards fail.
+    pub fn close(&self) {
+        self.connections.close();
+    }
+}
+
+/// The statement that opens a call's transaction behind a transaction pooler, with its
+/// limits: one simple query, so one round trip however many settings it makes.
+fn begin_statement(timeout: Duration) -> String {
+    let ms = timeout.as_millis().max(1);
+    format!(
+        "BEGIN; SET LOCAL statement_timeout = {ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}"
+    )
+}
+
+impl Row for tokio_postgres::Row {
+    fn int(&self, at: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(at)?)
     }
 
-    async fn read(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
-        self.pool.get().await
+    fn opt_int(&self, at: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(at)?)
     }
 
-    async fn write(&self) -> Result<Pooled<PgConnection>, sqlx::Error> {
-        self.pool.get().await
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(at)?)
     }
 
-    /// The created task, or `None` when the key is taken.
+    fn opt_text(&self, at: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn boolean(&self, at: usize) -> Result<bool, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn instant(&self, at: usize) -> Result<DateTime<Utc>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn opt_instant(&self, at: usize) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+}
+
+impl Db for PgTaskStore {
+    type Row = tokio_postgres::Row;
+    const BACKEND: &'static str = "postgres";
+
+    fn sql() -> &'static Statements {
+        &SQL
+    }
+
+    async fn fetch(
+        &self,
+        stmt: &'static Stmt,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.connections.get().await?.fetch(stmt, args).await
+    }
+
+    async fn execute(&self, stmt: &'static Stmt, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+        self.connections.get().await?.execute(stmt, args).await
+    }
+
+    /// One statement: the key's row and the task are inserted together.
     async fn claim_key(
         &self,
         user_id: &str,
@@ -237,45 +268,34 @@ impl PgTaskStore {
         now: DateTime<Utc>,
         remembered_since: DateTime<Utc>,
     ) -> Result<Option<Task>, StoreError> {
-        let mut conn = self.write().await?;
-        let row: Option<TaskRow> = conn
-            .run(async |conn| {
-                sqlx::query_as(CLAIM_KEY_AND_CREATE)
-                    .persistent(self.named_statements)
-                    .bind(user_id)
-                    .bind(key.as_str())
-                    .bind(task.title.as_str())
-                    .bind(task.description.as_ref().map(|d| d.as_str()))
-                    .bind(now)
-                    .bind(remembered_since)
-                    .bind(crate::lists::fold(task.title.as_str()))
-                    .bind(
-                        task.description
-                            .as_ref()
-                            .map(|d| crate::lists::fold(d.as_str())),
-                    )
-                    .fetch_optional(conn)
-                    .await
-            })
-            .await?;
-        Ok(row.map(Task::from))
+        let description = task.description.as_ref().map(|d| d.as_str());
+        let (title_folded, description_folded) = (
+            crate::lists::fold(task.title.as_str()),
+            description.map(crate::lists::fold),
+        );
+        let args = [
+            Arg::Text(user_id),
+            Arg::Text(key.as_str()),
+            Arg::Text(task.title.as_str()),
+            Arg::OptText(description),
+            Arg::Instant(now),
+            Arg::Instant(remembered_since),
+            Arg::Text(&title_folded),
+            Arg::OptText(description_folded.as_deref()),
+        ];
+        let rows = self.fetch(&CLAIM, &args).await?;
+        rows.first().map(|row| task_at(row, 0)).transpose()
+    }
+
+    fn as_postgres(&self) -> Option<PgTaskStore> {
+        Some(self.clone())
     }
 
     fn status(&self) -> PoolStatus {
-        self.pool.status()
+        self.connections.status()
     }
 
     fn wait(&self) -> Histogram {
-        self.pool.acquire_wait().clone()
+        self.connections.acquire_wait().clone()
     }
 }
-
-impl Backend for PgTaskStore {
-    type Connection = PgConnection;
-
-    fn named_statements(&self) -> bool {
-        self.named_statements
-    }
-}
-
-impl_task_store!(PgTaskStore, "postgres");

@@ -1,86 +1,20 @@
 //! What the two stores share, written once: every statement, and the logic of every
 //! store call. A backend supplies only its dialect — how it spells "the next
-//! `updated_at`" and "the version is one of these" — how it stores instants and binds
-//! version lists, its pools, and its way of claiming an idempotency key atomically.
-//!
-//! The logic is one `macro_rules!` body expanded once per backend rather than a function
-//! generic over `sqlx::Database`: sqlx's executor traits need higher-ranked bounds that
-//! `async_trait` futures cannot carry, and each expansion is plain code over one
-//! connection type.
+//! `updated_at`" and "the version is one of these" — and a [`Db`]: how it sends one
+//! statement with its arguments and reads a row's columns, and its way of claiming an
+//! idempotency key atomically. [`TaskStore`] is implemented once, for every [`Db`].
+
+use std::future::Future;
 
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::histogram::Histogram;
 
-use crate::idempotency::StoredCreate;
-use crate::lists::{Listing, Sort, SortKey};
-use crate::tasks::Task;
-
-/// How a backend stores an instant: PostgreSQL as `timestamptz`, SQLite as integer
-/// microseconds since the Unix epoch (UTC).
-pub trait StoredInstant {
-    fn utc(self) -> DateTime<Utc>;
-}
-
-impl StoredInstant for DateTime<Utc> {
-    fn utc(self) -> DateTime<Utc> {
-        self
-    }
-}
-
-impl StoredInstant for i64 {
-    fn utc(self) -> DateTime<Utc> {
-        // Values outside chrono's range (±262,000 years) can only come from a hand-edited
-        // file.
-        DateTime::from_timestamp_micros(self).unwrap_or_default()
-    }
-}
-
-/// A task as every statement returns it, its instants as the backend stores them.
-#[derive(sqlx::FromRow)]
-pub struct TaskRow<I> {
-    pub id: i64,
-    pub user_id: String,
-    pub title: String,
-    pub description: Option<String>,
-    pub complete: bool,
-    pub created_at: I,
-    pub updated_at: I,
-    pub version: i64,
-}
-
-impl<I: StoredInstant> From<TaskRow<I>> for Task {
-    fn from(r: TaskRow<I>) -> Self {
-        Task {
-            id: r.id,
-            user_id: r.user_id,
-            title: r.title,
-            description: r.description,
-            complete: r.complete,
-            created_at: r.created_at.utc(),
-            updated_at: r.updated_at.utc(),
-            version: r.version,
-        }
-    }
-}
-
-/// An idempotency key's row: the request it came with and the task it created.
-#[derive(sqlx::FromRow)]
-pub struct StoredKeyRow<I> {
-    pub title: String,
-    pub description: Option<String>,
-    pub task_id: i64,
-    pub created_at: I,
-}
-
-impl<I: StoredInstant> From<StoredKeyRow<I>> for StoredCreate {
-    fn from(r: StoredKeyRow<I>) -> Self {
-        StoredCreate {
-            title: r.title,
-            description: r.description,
-            task_id: r.task_id,
-            created_at: r.created_at.utc(),
-        }
-    }
-}
+use super::{PgTaskStore, PoolStatus, StoreError, TaskPage, TaskStore};
+use crate::idempotency::{Claim, IdempotencyKey, StoredCreate};
+use crate::lists::{After, Listing, Sort, SortKey};
+use crate::sync::{Change, ChangePage, Numbered};
+use crate::tasks::{NewTask, Task, TaskPatch, TaskReplace};
+use crate::versions::VersionGuard;
 
 /// How a backend spells the two expressions that differ between SQL dialects.
 pub trait Dialect {
@@ -101,45 +35,75 @@ pub trait Dialect {
 /// The columns of a task, in the order every statement returns them.
 const TASK: &str = "id, user_id, title, description, complete, created_at, updated_at, version";
 
+/// One statement: its text, and whether it writes (SQLite sends writes to its one writer
+/// connection). A backend may keep it prepared per connection, keyed by its address
+/// (every `Stmt` lives in a `static`).
+#[derive(Debug)]
+pub struct Stmt {
+    pub sql: String,
+    pub writes: bool,
+}
+
+impl Stmt {
+    pub fn read(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            writes: false,
+        }
+    }
+
+    pub fn write(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            writes: true,
+        }
+    }
+
+    /// The statement's identity, for a per-connection cache of prepared statements.
+    pub fn key(&'static self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+}
+
 /// Every statement both stores send, in their dialect. Numbered parameters (`$1`) work on
 /// both.
 pub struct Statements {
     /// One per [`ListShape`] ([`Statements::list`]).
-    lists: Vec<String>,
-    pub change_marker: &'static str,
+    lists: Vec<Stmt>,
+    pub change_marker: Stmt,
     /// The user's counter and their changes above `$2`, in one snapshot.
-    pub changes: String,
-    pub create: String,
-    pub get: String,
+    pub changes: Stmt,
+    pub create: Stmt,
+    pub get: Stmt,
     /// Owner and version of a task, to explain a write that matched no row.
-    pub owner_and_version: &'static str,
+    pub owner_and_version: Stmt,
     /// PATCH, and PUT as a PATCH that names every field.
-    pub patch: String,
-    pub delete: String,
-    pub stored_key: &'static str,
-    pub purge_keys: &'static str,
-    pub purge_tombstones: &'static str,
-    pub store_ticket: &'static str,
+    pub patch: Stmt,
+    pub delete: Stmt,
+    pub stored_key: Stmt,
+    pub purge_keys: Stmt,
+    pub purge_tombstones: Stmt,
+    pub store_ticket: Stmt,
     /// Deletes a ticket that has not expired, returning until when its token is valid.
-    pub redeem_ticket: &'static str,
-    pub purge_tickets: &'static str,
-    pub unfolded: &'static str,
-    pub refold: &'static str,
-    pub store_secret: &'static str,
-    pub secret: &'static str,
-    pub ping: &'static str,
+    pub redeem_ticket: Stmt,
+    pub purge_tickets: Stmt,
+    pub unfolded: Stmt,
+    pub refold: Stmt,
+    pub store_secret: Stmt,
+    pub secret: Stmt,
+    pub ping: Stmt,
 }
 
 impl Statements {
     pub fn new<D: Dialect>() -> Self {
-        let lists = ListShape::all().map(list::<D>).collect();
+        let lists = ListShape::all().map(|shape| Stmt::read(list::<D>(shape))).collect();
         Self {
             lists,
-            change_marker: "SELECT counter FROM user_changes WHERE user_id = $1",
+            change_marker: Stmt::read("SELECT counter FROM user_changes WHERE user_id = $1"),
             // The counter is read once, in the same snapshot as the changes, and guards
             // both scans (PostgreSQL skips them by a one-time filter when it is not
             // above the cursor). Each side reads at most a page, in index order.
-            changes: format!(
+            changes: Stmt::read(format!(
                 "WITH marker AS MATERIALIZED (
                      SELECT COALESCE(c.counter, 0) AS counter,
                             COALESCE(c.purged_through, 0) AS purged_through
@@ -170,20 +134,20 @@ impl Statements {
                 D::null("timestamptz"),
                 D::null("timestamptz"),
                 D::null("int8"),
-            ),
-            create: format!(
+            )),
+            create: Stmt::write(format!(
                 "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at,
                                     title_folded, description_folded, folded_version)
                  VALUES ($1, $2, $3, false, $4, $4, $5, $6, 1)
                  RETURNING {TASK}"
-            ),
-            get: format!("SELECT {TASK} FROM tasks WHERE id = $1"),
-            owner_and_version: "SELECT user_id, version FROM tasks WHERE id = $1",
+            )),
+            get: Stmt::read(format!("SELECT {TASK} FROM tasks WHERE id = $1")),
+            owner_and_version: Stmt::read("SELECT user_id, version FROM tasks WHERE id = $1"),
             // `title` and `complete` cannot be NULL, so NULL means "unchanged";
             // `description` can, so a flag says whether to set it. The folded copies
             // follow their fields, and stay current if they were, or if both are
             // rewritten now.
-            patch: format!(
+            patch: Stmt::write(format!(
                 "UPDATE tasks
                  SET title = COALESCE($3, title),
                      description = CASE WHEN $4 THEN $5 ELSE description END,
@@ -198,50 +162,52 @@ impl Statements {
                  RETURNING {TASK}",
                 D::next_updated_at("$7"),
                 D::version_is_one_of("$8"),
-            ),
-            delete: format!(
+            )),
+            delete: Stmt::write(format!(
                 "DELETE FROM tasks WHERE id = $1 AND user_id = $2 AND {}",
                 D::version_is_one_of("$3"),
+            )),
+            stored_key: Stmt::read(
+                "SELECT title, description, task_id, created_at FROM idempotency_keys
+                 WHERE user_id = $1 AND idempotency_key = $2",
             ),
-            stored_key: "SELECT title, description, task_id, created_at FROM idempotency_keys
-                         WHERE user_id = $1 AND idempotency_key = $2",
             // The age test is repeated outside the subquery: a key reclaimed by a create
             // while this statement waited for its row lock is re-checked on its new
             // version (PostgreSQL re-evaluates only the outer condition) and kept.
-            purge_keys: "DELETE FROM idempotency_keys
+            purge_keys: Stmt::write("DELETE FROM idempotency_keys
                          WHERE created_at <= $1 AND (user_id, idempotency_key) IN (
                              SELECT user_id, idempotency_key FROM idempotency_keys
-                             WHERE created_at <= $1 ORDER BY created_at LIMIT $2)",
-            purge_tombstones: "DELETE FROM task_tombstones
+                             WHERE created_at <= $1 ORDER BY created_at LIMIT $2)"),
+            purge_tombstones: Stmt::write("DELETE FROM task_tombstones
                                WHERE deleted_at <= $1 AND (user_id, change_seq) IN (
                                    SELECT user_id, change_seq FROM task_tombstones
-                                   WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)",
-            store_ticket:
-                "INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
-                           VALUES ($1, $2, $3, $4)",
+                                   WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)"),
+            store_ticket: Stmt::write("INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
+                           VALUES ($1, $2, $3, $4)"),
             // One statement: of two requests redeeming one ticket, only one deletes it.
-            redeem_ticket: "DELETE FROM event_tickets
+            redeem_ticket: Stmt::write("DELETE FROM event_tickets
                             WHERE user_id = $1 AND ticket = $2 AND expires_at > $3
-                            RETURNING token_valid_until",
-            purge_tickets: "DELETE FROM event_tickets
+                            RETURNING token_valid_until"),
+            purge_tickets: Stmt::write("DELETE FROM event_tickets
                             WHERE expires_at <= $1 AND (user_id, ticket) IN (
                                 SELECT user_id, ticket FROM event_tickets
-                                WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
-            unfolded: "SELECT id, user_id, title, description, version FROM tasks
-                       WHERE folded_version <> version ORDER BY id LIMIT $1",
+                                WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)"),
+            unfolded: Stmt::read("SELECT id, user_id, title, description, version FROM tasks
+                       WHERE folded_version <> version ORDER BY id LIMIT $1"),
             // Only if the task is still at the version that was folded.
-            refold: "UPDATE tasks
+            refold: Stmt::write("UPDATE tasks
                      SET title_folded = $4, description_folded = $5, folded_version = version
-                     WHERE user_id = $1 AND id = $2 AND version = $3",
-            store_secret: "INSERT INTO service_secrets (name, secret) VALUES ($1, $2)
-                           ON CONFLICT (name) DO NOTHING",
-            secret: "SELECT secret FROM service_secrets WHERE name = $1",
-            ping: "SELECT 1",
+                     WHERE user_id = $1 AND id = $2 AND version = $3"),
+            store_secret: Stmt::write("INSERT INTO service_secrets (name, secret) VALUES ($1, $2)
+                           ON CONFLICT (name) DO NOTHING"),
+            // On the writer, right after `store_secret`.
+            secret: Stmt::write("SELECT secret FROM service_secrets WHERE name = $1"),
+            ping: Stmt::read("SELECT 1"),
         }
     }
 
     /// The list statement for a shape.
-    pub fn list(&self, shape: ListShape) -> &str {
+    pub fn list(&self, shape: ListShape) -> &Stmt {
         &self.lists[shape.index()]
     }
 }
@@ -350,558 +316,478 @@ fn list<D: Dialect>(shape: ListShape) -> String {
     )
 }
 
-/// `TaskStore` for a backend, from these items in scope where it is expanded:
-/// `SQL: LazyLock<Statements>`; `Instant` (how it stores an instant), `TaskRow` and
-/// `StoredKeyRow` (the rows above, with that type); `to_instant(DateTime<Utc>)` and `version_arg(&VersionGuard)`
-/// (values to bind); and inherent methods `read()`/`write()` (a pooled connection),
-/// `claim_key(..) -> Result<Option<Task>, StoreError>`, `status()`, `wait()`; plus
-/// [`Backend`] (in scope) for the connection type and how statements are sent.
-///
-/// Writes with `RETURNING` are read with `fetch_all`, never `fetch_one`/`fetch_optional`:
-/// SQLite runs its WAL auto-checkpoint only when a statement is stepped to its end, and
-/// sqlx stops after the first row and resets the statement, which commits without
-/// checkpointing — the WAL file then grows by every write, without bound.
-macro_rules! impl_task_store {
-    ($store:ty, $backend:literal) => {
-        #[async_trait::async_trait]
-        impl $crate::storage::TaskStore for $store {
-            async fn list(
-                &self,
-                user_id: &str,
-                listing: &$crate::lists::Listing,
-            ) -> Result<$crate::storage::TaskPage, $crate::storage::StoreError> {
-                use sqlx::{FromRow, Row};
-                use $crate::lists::After;
-                let mut conn = self.read().await?;
-                // One row more than the limit tells whether another page follows.
-                let limit = listing
-                    .limit
-                    .map_or(i64::MAX, |limit| limit.saturating_add(1));
-                let rows = conn
-                    .run(async |conn| {
-                        let shape = $crate::storage::sql::ListShape::of(listing);
-                        let mut query = sqlx::query(SQL.list(shape))
-                            .persistent(self.named_statements())
-                            .bind(user_id)
-                            .bind(limit)
-                            .bind(listing.offset);
-                        if let Some(complete) = listing.complete {
-                            query = query.bind(complete);
-                        }
-                        if let Some(q) = &listing.q {
-                            query = query.bind(q.folded.as_str());
-                        }
-                        let query = match &listing.after {
-                            None => query,
-                            Some(After::Id(id)) => query.bind(*id),
-                            Some(After::Instant(at, id)) => query.bind(*id).bind(to_instant(*at)),
-                            Some(After::Title(title, id)) => query.bind(*id).bind(title.as_str()),
-                        };
-                        query.fetch_all(conn).await
-                    })
-                    .await?;
-                let mut page = $crate::storage::TaskPage {
-                    tasks: Vec::with_capacity(rows.len()),
-                    marker: 0,
-                    has_more: false,
-                };
-                for row in &rows {
-                    page.marker = row.try_get("marker")?;
-                    if row.try_get::<Option<i64>, _>("id")?.is_some() {
-                        page.tasks.push(TaskRow::from_row(row)?.into());
-                    }
-                }
-                if let Some(limit) = listing.limit {
-                    page.has_more = page.tasks.len() as i64 > limit;
-                    page.tasks.truncate(limit as usize);
-                }
-                Ok(page)
-            }
-
-            async fn changes(
-                &self,
-                user_id: &str,
-                since: i64,
-                deletions: bool,
-                limit: i64,
-            ) -> Result<$crate::sync::ChangePage, $crate::storage::StoreError> {
-                use sqlx::{FromRow, Row};
-                use $crate::sync::{Change, Numbered};
-                let mut conn = self.read().await?;
-                // An up-to-date poll, the commonest call, reads the counter and nothing
-                // else. (Otherwise the statement below reads it again, in the snapshot
-                // of the changes.)
-                let marker = counter(self, &mut conn, user_id).await?;
-                if marker <= since {
-                    // (What was purged is never above the counter, so never above
-                    // `since` here.)
-                    return Ok($crate::sync::ChangePage {
-                        changes: Vec::new(),
-                        marker,
-                        purged_through: 0,
-                        has_more: false,
-                    });
-                }
-                let rows = conn
-                    .run(async |conn| {
-                        sqlx::query(&SQL.changes)
-                            .persistent(self.named_statements())
-                            .bind(user_id)
-                            .bind(since)
-                            .bind(limit.saturating_add(1))
-                            .bind(deletions)
-                            .fetch_all(conn)
-                            .await
-                    })
-                    .await?;
-                let mut page = $crate::sync::ChangePage {
-                    changes: Vec::with_capacity(rows.len()),
-                    marker: 0,
-                    purged_through: 0,
-                    has_more: false,
-                };
-                for row in &rows {
-                    page.marker = row.try_get("marker")?;
-                    page.purged_through = row.try_get("purged_through")?;
-                    let Some(seq) = row.try_get::<Option<i64>, _>("change_seq")? else {
-                        continue;
-                    };
-                    let change = match row.try_get::<Option<Instant>, _>("deleted_at")? {
-                        Some(deleted_at) => Change::Delete {
-                            task_id: row.try_get("id")?,
-                            deleted_at: $crate::storage::sql::StoredInstant::utc(deleted_at),
-                        },
-                        None => Change::Upsert {
-                            task: TaskRow::from_row(row)?.into(),
-                        },
-                    };
-                    page.changes.push(Numbered { seq, change });
-                }
-                page.has_more = page.changes.len() as i64 > limit;
-                page.changes.truncate(limit.max(0) as usize);
-                Ok(page)
-            }
-
-            async fn change_marker(
-                &self,
-                user_id: &str,
-            ) -> Result<i64, $crate::storage::StoreError> {
-                let mut conn = self.read().await?;
-                counter(self, &mut conn, user_id).await
-            }
-
-            async fn create(
-                &self,
-                user_id: &str,
-                task: &$crate::tasks::NewTask,
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let rows: Vec<TaskRow> = conn
-                    .run(async |conn| {
-                        sqlx::query_as(&SQL.create)
-                            .persistent(self.named_statements())
-                            .bind(user_id)
-                            .bind(task.title.as_str())
-                            .bind(task.description.as_ref().map(|d| d.as_str()))
-                            .bind(to_instant(now))
-                            .bind($crate::lists::fold(task.title.as_str()))
-                            .bind(
-                                task.description
-                                    .as_ref()
-                                    .map(|d| $crate::lists::fold(d.as_str())),
-                            )
-                            .fetch_all(conn)
-                            .await
-                    })
-                    .await?;
-                match rows.into_iter().next() {
-                    Some(row) => Ok(row.into()),
-                    None => Err(sqlx::Error::RowNotFound.into()),
-                }
-            }
-
-            async fn create_with_key(
-                &self,
-                user_id: &str,
-                key: &$crate::idempotency::IdempotencyKey,
-                task: &$crate::tasks::NewTask,
-                now: chrono::DateTime<chrono::Utc>,
-                remembered_since: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::idempotency::Claim, $crate::storage::StoreError> {
-                // A key found taken may be purged (it expired) before it is read back:
-                // then it is free, and the second attempt claims it.
-                for _ in 0..2 {
-                    if let Some(created) = self
-                        .claim_key(user_id, key, task, now, remembered_since)
-                        .await?
-                    {
-                        return Ok($crate::idempotency::Claim::Created(created));
-                    }
-                    let mut conn = self.read().await?;
-                    let stored: Option<StoredKeyRow> = conn
-                        .run(async |conn| {
-                            sqlx::query_as(SQL.stored_key)
-                                .persistent(self.named_statements())
-                                .bind(user_id)
-                                .bind(key.as_str())
-                                .fetch_optional(conn)
-                                .await
-                        })
-                        .await?;
-                    if let Some(stored) = stored {
-                        return Ok($crate::idempotency::Claim::Taken(stored.into()));
-                    }
-                }
-                Err($crate::storage::StoreError::KeyContended)
-            }
-
-            async fn get(
-                &self,
-                user_id: &str,
-                id: i64,
-            ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
-                let mut conn = self.read().await?;
-                // One statement either way: the owner is compared here, and another
-                // user's row is dropped before it can reach a response.
-                let row: Option<TaskRow> = conn
-                    .run(async |conn| {
-                        sqlx::query_as(&SQL.get)
-                            .persistent(self.named_statements())
-                            .bind(id)
-                            .fetch_optional(conn)
-                            .await
-                    })
-                    .await?;
-                match row {
-                    Some(row) if row.user_id == user_id => Ok(row.into()),
-                    Some(_) => Err($crate::storage::StoreError::NotOwner),
-                    None => Err($crate::storage::StoreError::NotFound),
-                }
-            }
-
-            async fn replace(
-                &self,
-                user_id: &str,
-                id: i64,
-                task: &$crate::tasks::TaskReplace,
-                guard: &$crate::versions::VersionGuard,
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
-                // A full replacement: every field named, a missing description null.
-                let patch = $crate::tasks::TaskPatch {
-                    title: Some(task.title.clone()),
-                    description: Some(task.description.clone()),
-                    complete: Some(task.complete),
-                };
-                $crate::storage::TaskStore::patch(self, user_id, id, &patch, guard, now).await
-            }
-
-            async fn patch(
-                &self,
-                user_id: &str,
-                id: i64,
-                patch: &$crate::tasks::TaskPatch,
-                guard: &$crate::versions::VersionGuard,
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::tasks::Task, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let rows: Vec<TaskRow> = conn
-                    .run(async |conn| {
-                        sqlx::query_as(&SQL.patch)
-                            .persistent(self.named_statements())
-                            .bind(id)
-                            .bind(user_id)
-                            .bind(patch.title.as_ref().map(|t| t.as_str()))
-                            .bind(patch.description.is_some())
-                            .bind(
-                                patch
-                                    .description
-                                    .as_ref()
-                                    .and_then(|d| d.as_ref().map(|d| d.as_str())),
-                            )
-                            .bind(patch.complete)
-                            .bind(to_instant(now))
-                            .bind(version_arg(guard))
-                            .bind(
-                                patch
-                                    .title
-                                    .as_ref()
-                                    .map(|t| $crate::lists::fold(t.as_str())),
-                            )
-                            .bind(
-                                patch.description.as_ref().and_then(|d| {
-                                    d.as_ref().map(|d| $crate::lists::fold(d.as_str()))
-                                }),
-                            )
-                            .fetch_all(conn)
-                            .await
-                    })
-                    .await?;
-                match rows.into_iter().next() {
-                    Some(row) => Ok(row.into()),
-                    None => Err(explain_missing(self, &mut conn, id, user_id).await),
-                }
-            }
-
-            async fn delete(
-                &self,
-                user_id: &str,
-                id: i64,
-                guard: &$crate::versions::VersionGuard,
-            ) -> Result<(), $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                let done = conn
-                    .run(async |conn| {
-                        sqlx::query(&SQL.delete)
-                            .persistent(self.named_statements())
-                            .bind(id)
-                            .bind(user_id)
-                            .bind(version_arg(guard))
-                            .execute(conn)
-                            .await
-                    })
-                    .await?;
-                if done.rows_affected() == 0 {
-                    return Err(explain_missing(self, &mut conn, id, user_id).await);
-                }
-                Ok(())
-            }
-
-            async fn purge_idempotency_keys(
-                &self,
-                cutoff: chrono::DateTime<chrono::Utc>,
-                limit: i64,
-            ) -> Result<u64, $crate::storage::StoreError> {
-                purge(self, SQL.purge_keys, cutoff, limit).await
-            }
-
-            async fn purge_tombstones(
-                &self,
-                cutoff: chrono::DateTime<chrono::Utc>,
-                limit: i64,
-            ) -> Result<u64, $crate::storage::StoreError> {
-                purge(self, SQL.purge_tombstones, cutoff, limit).await
-            }
-
-            async fn store_ticket(
-                &self,
-                user_id: &str,
-                ticket: &[u8],
-                expires_at: chrono::DateTime<chrono::Utc>,
-                token_valid_until: chrono::DateTime<chrono::Utc>,
-            ) -> Result<(), $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                conn.run(async |conn| {
-                    sqlx::query(SQL.store_ticket)
-                        .persistent(self.named_statements())
-                        .bind(user_id)
-                        .bind(ticket)
-                        .bind(to_instant(expires_at))
-                        .bind(to_instant(token_valid_until))
-                        .execute(conn)
-                        .await
-                })
-                .await?;
-                Ok(())
-            }
-
-            async fn redeem_ticket(
-                &self,
-                user_id: &str,
-                ticket: &[u8],
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::storage::StoreError> {
-                use $crate::storage::sql::StoredInstant;
-                let mut conn = self.write().await?;
-                let valid_until: Option<Instant> = conn
-                    .run(async |conn| {
-                        sqlx::query_scalar(SQL.redeem_ticket)
-                            .persistent(self.named_statements())
-                            .bind(user_id)
-                            .bind(ticket)
-                            .bind(to_instant(now))
-                            .fetch_optional(conn)
-                            .await
-                    })
-                    .await?;
-                Ok(valid_until.map(StoredInstant::utc))
-            }
-
-            async fn purge_tickets(
-                &self,
-                cutoff: chrono::DateTime<chrono::Utc>,
-                limit: i64,
-            ) -> Result<u64, $crate::storage::StoreError> {
-                purge(self, SQL.purge_tickets, cutoff, limit).await
-            }
-
-            fn postgres(&self) -> Option<$crate::storage::PgTaskStore> {
-                self.as_postgres()
-            }
-
-            async fn refold(&self, limit: i64) -> Result<u64, $crate::storage::StoreError> {
-                let stale: Vec<(i64, String, String, Option<String>, i64)> = {
-                    let mut conn = self.read().await?;
-                    conn.run(async |conn| {
-                        sqlx::query_as(SQL.unfolded)
-                            .persistent(self.named_statements())
-                            .bind(limit)
-                            .fetch_all(conn)
-                            .await
-                    })
-                    .await?
-                };
-                let mut done = 0;
-                for (id, user_id, title, description, version) in stale {
-                    let mut conn = self.write().await?;
-                    let updated = conn
-                        .run(async |conn| {
-                            sqlx::query(SQL.refold)
-                                .persistent(self.named_statements())
-                                .bind(user_id.as_str())
-                                .bind(id)
-                                .bind(version)
-                                .bind($crate::lists::fold(&title))
-                                .bind(description.as_deref().map($crate::lists::fold))
-                                .execute(conn)
-                                .await
-                        })
-                        .await?;
-                    done += updated.rows_affected();
-                }
-                Ok(done)
-            }
-
-            async fn shared_secret(
-                &self,
-                name: &str,
-                candidate: &[u8],
-            ) -> Result<Vec<u8>, $crate::storage::StoreError> {
-                let mut conn = self.write().await?;
-                conn.run(async |conn| {
-                    sqlx::query(SQL.store_secret)
-                        .persistent(self.named_statements())
-                        .bind(name)
-                        .bind(candidate)
-                        .execute(conn)
-                        .await
-                })
-                .await?;
-                let secret: Vec<u8> = conn
-                    .run(async |conn| {
-                        sqlx::query_scalar(SQL.secret)
-                            .persistent(self.named_statements())
-                            .bind(name)
-                            .fetch_one(conn)
-                            .await
-                    })
-                    .await?;
-                Ok(secret)
-            }
-
-            async fn ping(&self) -> Result<(), $crate::storage::StoreError> {
-                let mut conn = self.read().await?;
-                conn.run(async |conn| {
-                    sqlx::query(SQL.ping)
-                        .persistent(self.named_statements())
-                        .execute(conn)
-                        .await
-                })
-                .await?;
-                Ok(())
-            }
-
-            fn backend(&self) -> &'static str {
-                $backend
-            }
-
-            fn pool_status(&self) -> $crate::storage::PoolStatus {
-                self.status()
-            }
-
-            fn acquire_wait(&self) -> prometheus_client::metrics::histogram::Histogram {
-                self.wait()
-            }
-        }
-
-        /// The user's change counter (0 before their first write): one index probe.
-        async fn counter(
-            store: &$store,
-            conn: &mut $crate::storage::pool::Tracked<
-                <$store as $crate::storage::sql::Backend>::Connection,
-            >,
-            user_id: &str,
-        ) -> Result<i64, $crate::storage::StoreError> {
-            let marker: Option<i64> = conn
-                .run(async |conn| {
-                    sqlx::query_scalar(SQL.change_marker)
-                        .persistent(store.named_statements())
-                        .bind(user_id)
-                        .fetch_optional(conn)
-                        .await
-                })
-                .await?;
-            Ok(marker.unwrap_or(0))
-        }
-
-        /// Runs a purge statement (`$1` cutoff, `$2` limit); returns the rows it deleted.
-        async fn purge(
-            store: &$store,
-            statement: &'static str,
-            cutoff: chrono::DateTime<chrono::Utc>,
-            limit: i64,
-        ) -> Result<u64, $crate::storage::StoreError> {
-            let mut conn = store.write().await?;
-            let done = conn
-                .run(async |conn| {
-                    sqlx::query(statement)
-                        .persistent(store.named_statements())
-                        .bind(to_instant(cutoff))
-                        .bind(limit)
-                        .execute(conn)
-                        .await
-                })
-                .await?;
-            Ok(done.rows_affected())
-        }
-
-        /// Tells 404 from 403 from 412 after a write matched no row.
-        async fn explain_missing(
-            store: &$store,
-            conn: &mut $crate::storage::pool::Tracked<
-                <$store as $crate::storage::sql::Backend>::Connection,
-            >,
-            id: i64,
-            user_id: &str,
-        ) -> $crate::storage::StoreError {
-            let found = conn
-                .run(async |conn| {
-                    sqlx::query_as(SQL.owner_and_version)
-                        .persistent(store.named_statements())
-                        .bind(id)
-                        .fetch_optional(conn)
-                        .await
-                })
-                .await;
-            match found {
-                Ok(found) => $crate::storage::missing(found, user_id),
-                Err(e) => $crate::storage::StoreError::Database(e),
-            }
-        }
-    };
+/// A value bound to a statement parameter; each backend binds it in its own types.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg<'a> {
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Int(i64),
+    Bool(bool),
+    OptBool(Option<bool>),
+    Instant(DateTime<Utc>),
+    /// `If-Match` versions (`None`: any version).
+    Versions(Option<&'a [i64]>),
+    Bytes(&'a [u8]),
 }
 
-pub(crate) use impl_task_store;
+/// A result row, read by column position (every statement here names its columns in a
+/// fixed order).
+pub trait Row {
+    fn int(&self, at: usize) -> Result<i64, StoreError>;
+    fn opt_int(&self, at: usize) -> Result<Option<i64>, StoreError>;
+    fn text(&self, at: usize) -> Result<String, StoreError>;
+    fn opt_text(&self, at: usize) -> Result<Option<String>, StoreError>;
+    fn boolean(&self, at: usize) -> Result<bool, StoreError>;
+    fn instant(&self, at: usize) -> Result<DateTime<Utc>, StoreError>;
+    fn opt_instant(&self, at: usize) -> Result<Option<DateTime<Utc>>, StoreError>;
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError>;
+}
 
-/// The connection type a store's pools hold (named in the shared code), and how its
-/// statements are sent.
-pub trait Backend {
-    type Connection;
+/// The task whose columns start at `at`, in [`TASK`] order.
+pub(super) fn task_at(row: &impl Row, at: usize) -> Result<Task, StoreError> {
+    Ok(Task {
+        id: row.int(at)?,
+        user_id: row.text(at + 1)?,
+        title: row.text(at + 2)?,
+        description: row.opt_text(at + 3)?,
+        complete: row.boolean(at + 4)?,
+        created_at: row.instant(at + 5)?,
+        updated_at: row.instant(at + 6)?,
+        version: row.int(at + 7)?,
+    })
+}
 
-    /// Whether every statement is prepared under a name, once per connection, and kept
-    /// (sqlx's default): not behind a transaction pooler, whose server connections are
-    /// shared by every client, where names collide and only unnamed statements work.
-    /// Every statement of the shared code is sent `.persistent(this)`.
-    fn named_statements(&self) -> bool;
+/// A database the shared store logic runs on: one statement at a time, each its own
+/// transaction, and what only the backend knows.
+pub trait Db: Send + Sync + 'static {
+    type Row: Row + Send + Sync;
+    /// `"postgres"` or `"sqlite"`.
+    const BACKEND: &'static str;
+
+    /// Every statement, in this backend's dialect.
+    fn sql() -> &'static Statements;
+
+    /// Runs `stmt` with `args`; its rows.
+    fn fetch(
+        &self,
+        stmt: &'static Stmt,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send;
+
+    /// Runs `stmt` with `args`; how many rows it changed.
+    fn execute(
+        &self,
+        stmt: &'static Stmt,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Creates the task and claims `key` for it in one atomic step, unless the key is
+    /// held by a create made after `remembered_since`: the created task, or `None`.
+    fn claim_key(
+        &self,
+        user_id: &str,
+        key: &IdempotencyKey,
+        task: &NewTask,
+        now: DateTime<Utc>,
+        remembered_since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<Task>, StoreError>> + Send;
+
+    fn as_postgres(&self) -> Option<PgTaskStore>;
+    fn status(&self) -> PoolStatus;
+    fn wait(&self) -> Histogram;
+}
+
+/// The user's change counter (0 before their first write): one index probe.
+async fn counter<D: Db>(db: &D, user_id: &str) -> Result<i64, StoreError> {
+    let rows = db
+        .fetch(&D::sql().change_marker, &[Arg::Text(user_id)])
+        .await?;
+    match rows.first() {
+        Some(row) => row.int(0),
+        None => Ok(0),
+    }
+}
+
+/// Tells 404 from 403 from 412 after a write matched no row.
+async fn explain_missing<D: Db>(db: &D, id: i64, user_id: &str) -> StoreError {
+    let found = match db.fetch(&D::sql().owner_and_version, &[Arg::Int(id)]).await {
+        Ok(rows) => rows,
+        Err(e) => return e,
+    };
+    let found = match found.first() {
+        None => None,
+        Some(row) => match (row.text(0), row.int(1)) {
+            (Ok(owner), Ok(version)) => Some((owner, version)),
+            (Err(e), _) | (_, Err(e)) => return e,
+        },
+    };
+    super::missing(found, user_id)
+}
+
+/// Runs a purge statement (`$1` cutoff, `$2` limit); returns the rows it deleted.
+async fn purge<D: Db>(
+    db: &D,
+    stmt: &'static Stmt,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    db.execute(stmt, &[Arg::Instant(cutoff), Arg::Int(limit)])
+        .await
+}
+
+fn version_arg(guard: &VersionGuard) -> Arg<'_> {
+    Arg::Versions(match guard {
+        VersionGuard::Any => None,
+        VersionGuard::OneOf(versions) => Some(versions),
+    })
+}
+
+#[async_trait::async_trait]
+impl<D: Db> TaskStore for D {
+    async fn list(&self, user_id: &str, listing: &Listing) -> Result<TaskPage, StoreError> {
+        // One row more than the limit tells whether another page follows.
+        let limit = listing
+            .limit
+            .map_or(i64::MAX, |limit| limit.saturating_add(1));
+        let mut args = Vec::with_capacity(7);
+        args.extend([
+            Arg::Text(user_id),
+            Arg::Int(limit),
+            Arg::Int(listing.offset),
+        ]);
+        if let Some(complete) = listing.complete {
+            args.push(Arg::Bool(complete));
+        }
+        if let Some(q) = &listing.q {
+            args.push(Arg::Text(q.folded.as_str()));
+        }
+        match &listing.after {
+            None => {}
+            Some(After::Id(id)) => args.push(Arg::Int(*id)),
+            Some(After::Instant(at, id)) => args.extend([Arg::Int(*id), Arg::Instant(*at)]),
+            Some(After::Title(title, id)) => args.extend([Arg::Int(*id), Arg::Text(title)]),
+        }
+        let rows = self
+            .fetch(D::sql().list(ListShape::of(listing)), &args)
+            .await?;
+        let mut page = TaskPage {
+            tasks: Vec::with_capacity(rows.len()),
+            marker: 0,
+            has_more: false,
+        };
+        for row in &rows {
+            page.marker = row.int(0)?;
+            if row.opt_int(1)?.is_some() {
+                page.tasks.push(task_at(row, 1)?);
+            }
+        }
+        if let Some(limit) = listing.limit {
+            page.has_more = page.tasks.len() as i64 > limit;
+            page.tasks.truncate(limit as usize);
+        }
+        Ok(page)
+    }
+
+    async fn changes(
+        &self,
+        user_id: &str,
+        since: i64,
+        deletions: bool,
+        limit: i64,
+    ) -> Result<ChangePage, StoreError> {
+        // An up-to-date poll, the commonest call, reads the counter and nothing else.
+        // (Otherwise the statement below reads it again, in the snapshot of the changes.)
+        let marker = counter(self, user_id).await?;
+        if marker <= since {
+            // (What was purged is never above the counter, so never above `since` here.)
+            return Ok(ChangePage {
+                changes: Vec::new(),
+                marker,
+                purged_through: 0,
+                has_more: false,
+            });
+        }
+        let args = [
+            Arg::Text(user_id),
+            Arg::Int(since),
+            Arg::Int(limit.saturating_add(1)),
+            Arg::Bool(deletions),
+        ];
+        let rows = self.fetch(&D::sql().changes, &args).await?;
+        let mut page = ChangePage {
+            changes: Vec::with_capacity(rows.len()),
+            marker: 0,
+            purged_through: 0,
+            has_more: false,
+        };
+        // Columns: marker, purged_through, change_seq, the task's, deleted_at.
+        for row in &rows {
+            page.marker = row.int(0)?;
+            page.purged_through = row.int(1)?;
+            let Some(seq) = row.opt_int(2)? else {
+                continue;
+            };
+            let change = match row.opt_instant(11)? {
+                Some(deleted_at) => Change::Delete {
+                    task_id: row.int(3)?,
+                    deleted_at,
+                },
+                None => Change::Upsert {
+                    task: task_at(row, 3)?,
+                },
+            };
+            page.changes.push(Numbered { seq, change });
+        }
+        page.has_more = page.changes.len() as i64 > limit;
+        page.changes.truncate(limit.max(0) as usize);
+        Ok(page)
+    }
+
+    async fn change_marker(&self, user_id: &str) -> Result<i64, StoreError> {
+        counter(self, user_id).await
+    }
+
+    async fn create(
+        &self,
+        user_id: &str,
+        task: &NewTask,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let description = task.description.as_ref().map(|d| d.as_str());
+        let (title_folded, description_folded) = (
+            crate::lists::fold(task.title.as_str()),
+            description.map(crate::lists::fold),
+        );
+        let args = [
+            Arg::Text(user_id),
+            Arg::Text(task.title.as_str()),
+            Arg::OptText(description),
+            Arg::Instant(now),
+            Arg::Text(&title_folded),
+            Arg::OptText(description_folded.as_deref()),
+        ];
+        let rows = self.fetch(&D::sql().create, &args).await?;
+        match rows.first() {
+            Some(row) => task_at(row, 0),
+            None => Err(StoreError::database("the insert returned no row")),
+        }
+    }
+
+    async fn create_with_key(
+        &self,
+        user_id: &str,
+        key: &IdempotencyKey,
+        task: &NewTask,
+        now: DateTime<Utc>,
+        remembered_since: DateTime<Utc>,
+    ) -> Result<Claim, StoreError> {
+        // A key found taken may be purged (it expired) before it is read back: then it
+        // is free, and claiming it again settles it.
+        for _ in 0..2 {
+            if let Some(created) = self
+                .claim_key(user_id, key, task, now, remembered_since)
+                .await?
+            {
+                return Ok(Claim::Created(created));
+            }
+            let rows = self
+                .fetch(
+                    &D::sql().stored_key,
+                    &[Arg::Text(user_id), Arg::Text(key.as_str())],
+                )
+                .await?;
+            if let Some(row) = rows.first() {
+                return Ok(Claim::Taken(StoredCreate {
+                    title: row.text(0)?,
+                    description: row.opt_text(1)?,
+                    task_id: row.int(2)?,
+                    created_at: row.instant(3)?,
+                }));
+            }
+        }
+        Err(StoreError::KeyContended)
+    }
+
+    async fn get(&self, user_id: &str, id: i64) -> Result<Task, StoreError> {
+        // One statement either way: the owner is compared here, and another user's row
+        // is dropped before it can reach a response.
+        let rows = self.fetch(&D::sql().get, &[Arg::Int(id)]).await?;
+        match rows.first() {
+            Some(row) => {
+                let task = task_at(row, 0)?;
+                if task.user_id == user_id {
+                    Ok(task)
+                } else {
+                    Err(StoreError::NotOwner)
+                }
+            }
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn replace(
+        &self,
+        user_id: &str,
+        id: i64,
+        task: &TaskReplace,
+        guard: &VersionGuard,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        // A full replacement: every field named, a missing description null.
+        let patch = TaskPatch {
+            title: Some(task.title.clone()),
+            description: Some(task.description.clone()),
+            complete: Some(task.complete),
+        };
+        self.patch(user_id, id, &patch, guard, now).await
+    }
+
+    async fn patch(
+        &self,
+        user_id: &str,
+        id: i64,
+        patch: &TaskPatch,
+        guard: &VersionGuard,
+        now: DateTime<Utc>,
+    ) -> Result<Task, StoreError> {
+        let title = patch.title.as_ref().map(|t| t.as_str());
+        let description = patch
+            .description
+            .as_ref()
+            .and_then(|d| d.as_ref().map(|d| d.as_str()));
+        let (title_folded, description_folded) = (
+            title.map(crate::lists::fold),
+            description.map(crate::lists::fold),
+        );
+        let args = [
+            Arg::Int(id),
+            Arg::Text(user_id),
+            Arg::OptText(title),
+            Arg::Bool(patch.description.is_some()),
+            Arg::OptText(description),
+            Arg::OptBool(patch.complete),
+            Arg::Instant(now),
+            version_arg(guard),
+            Arg::OptText(title_folded.as_deref()),
+            Arg::OptText(description_folded.as_deref()),
+        ];
+        let rows = self.fetch(&D::sql().patch, &args).await?;
+        match rows.first() {
+            Some(row) => task_at(row, 0),
+            None => Err(explain_missing(self, id, user_id).await),
+        }
+    }
+
+    async fn delete(&self, user_id: &str, id: i64, guard: &VersionGuard) -> Result<(), StoreError> {
+        let args = [Arg::Int(id), Arg::Text(user_id), version_arg(guard)];
+        if self.execute(&D::sql().delete, &args).await? == 0 {
+            return Err(explain_missing(self, id, user_id).await);
+        }
+        Ok(())
+    }
+
+    async fn purge_idempotency_keys(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        purge(self, &D::sql().purge_keys, cutoff, limit).await
+    }
+
+    async fn purge_tombstones(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
+        purge(self, &D::sql().purge_tombstones, cutoff, limit).await
+    }
+
+    async fn store_ticket(
+        &self,
+        user_id: &str,
+        ticket: &[u8],
+        expires_at: DateTime<Utc>,
+        token_valid_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let args = [
+            Arg::Text(user_id),
+            Arg::Bytes(ticket),
+            Arg::Instant(expires_at),
+            Arg::Instant(token_valid_until),
+        ];
+        self.execute(&D::sql().store_ticket, &args).await?;
+        Ok(())
+    }
+
+    async fn redeem_ticket(
+        &self,
+        user_id: &str,
+        ticket: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let args = [Arg::Text(user_id), Arg::Bytes(ticket), Arg::Instant(now)];
+        let rows = self.fetch(&D::sql().redeem_ticket, &args).await?;
+        rows.first().map(|row| row.instant(0)).transpose()
+    }
+
+    async fn purge_tickets(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
+        purge(self, &D::sql().purge_tickets, cutoff, limit).await
+    }
+
+    fn postgres(&self) -> Option<PgTaskStore> {
+        self.as_postgres()
+    }
+
+    async fn refold(&self, limit: i64) -> Result<u64, StoreError> {
+        let stale = self.fetch(&D::sql().unfolded, &[Arg::Int(limit)]).await?;
+        let mut done = 0;
+        for row in &stale {
+            let (id, user_id, title, description, version) = (
+                row.int(0)?,
+                row.text(1)?,
+                row.text(2)?,
+                row.opt_text(3)?,
+                row.int(4)?,
+            );
+            let (title_folded, description_folded) = (
+                crate::lists::fold(&title),
+                description.as_deref().map(crate::lists::fold),
+            );
+            let args = [
+                Arg::Text(&user_id),
+                Arg::Int(id),
+                Arg::Int(version),
+                Arg::Text(&title_folded),
+                Arg::OptText(description_folded.as_deref()),
+            ];
+            done += self.execute(&D::sql().refold, &args).await?;
+        }
+        Ok(done)
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.execute(
+            &D::sql().store_secret,
+            &[Arg::Text(name), Arg::Bytes(candidate)],
+        )
+        .await?;
+        let rows = self.fetch(&D::sql().secret, &[Arg::Text(name)]).await?;
+        match rows.first() {
+            Some(row) => row.bytes(0),
+            None => Err(StoreError::database("the stored secret is missing")),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.fetch(&D::sql().ping, &[]).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        D::BACKEND
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        self.status()
+    }
+
+    fn acquire_wait(&self) -> Histogram {
+        self.wait()
+    }
 }

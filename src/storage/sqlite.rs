@@ -6,15 +6,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Sqlite as Driver;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Row as _};
 
 use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
-use super::sql::{Backend, Dialect, Statements, impl_task_store};
+use super::sql::{Arg, Db, Dialect, Row, Statements, Stmt, task_at};
 use super::{PoolSettings, PoolStatus, StoreError};
 use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
-use crate::versions::VersionGuard;
 
 struct Sqlite;
 
@@ -44,6 +47,7 @@ impl Dialect for Sqlite {
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Sqlite>);
+static CREATE_AND_CLAIM: LazyLock<Stmt> = LazyLock::new(|| Stmt::write(CLAIM_KEY));
 
 /// Claims the key for the task just inserted in the same transaction; no row back when
 /// the key is held by a create made after `$7`.
@@ -57,23 +61,69 @@ const CLAIM_KEY: &str = "
         WHERE k.created_at <= $7
     RETURNING task_id";
 
+/// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
+/// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
 fn to_instant(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
 }
 
-/// `If-Match` versions as a JSON array (SQLite has no array type); NULL for any.
-fn version_arg(guard: &VersionGuard) -> Option<String> {
-    match guard {
-        VersionGuard::Any => None,
-        VersionGuard::OneOf(versions) => serde_json::to_string(versions).ok(),
-    }
+fn from_instant(micros: i64) -> DateTime<Utc> {
+    // Values outside chrono's range (±262,000 years) can only come from a hand-edited file.
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
-/// Timestamps are stored as microseconds since the Unix epoch (UTC): compact, ordered,
-/// and `max(now, updated_at + 1)` keeps `updated_at` strictly increasing.
-type Instant = i64;
-type TaskRow = super::sql::TaskRow<Instant>;
-type StoredKeyRow = super::sql::StoredKeyRow<Instant>;
+type Query<'q> = sqlx::query::Query<'q, Driver, SqliteArguments<'q>>;
+
+/// `stmt` with `args` bound in SQLite's types.
+fn query<'q>(stmt: &'q Stmt, args: &[Arg<'q>]) -> Query<'q> {
+    args.iter().fold(sqlx::query(&stmt.sql), |query, arg| match *arg {
+        Arg::Text(text) => query.bind(text),
+        Arg::OptText(text) => query.bind(text),
+        Arg::Int(n) => query.bind(n),
+        Arg::Bool(b) => query.bind(b),
+        Arg::OptBool(b) => query.bind(b),
+        Arg::Instant(at) => query.bind(to_instant(at)),
+        // A JSON array (SQLite has no array type); NULL for any.
+        Arg::Versions(versions) => {
+            query.bind(versions.and_then(|versions| serde_json::to_string(versions).ok()))
+        }
+        Arg::Bytes(bytes) => query.bind(bytes),
+    })
+}
+
+impl Row for SqliteRow {
+    fn int(&self, at: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn opt_int(&self, at: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn text(&self, at: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn opt_text(&self, at: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn boolean(&self, at: usize) -> Result<bool, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn instant(&self, at: usize) -> Result<DateTime<Utc>, StoreError> {
+        Ok(from_instant(self.try_get(at)?))
+    }
+
+    fn opt_instant(&self, at: usize) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.try_get::<Option<i64>, _>(at)?.map(from_instant))
+    }
+
+    fn bytes(&self, at: usize) -> Result<Vec<u8>, StoreError> {
+        Ok(self.try_get(at)?)
+    }
+}
 
 #[derive(Clone)]
 pub struct SqliteTaskStore {
@@ -151,10 +201,6 @@ impl SqliteTaskStore {
         Ok(Self { readers, writer })
     }
 
-    fn as_postgres(&self) -> Option<super::PgTaskStore> {
-        None
-    }
-
     /// Closes every connection; calls made afterwards fail.
     pub fn close(&self) {
         self.readers.close();
@@ -169,8 +215,50 @@ impl SqliteTaskStore {
         self.writer.get().await
     }
 
+    /// A connection for `stmt`: the writer for a write, a reader otherwise.
+    async fn connection(&self, stmt: &Stmt) -> Result<Pooled<SqliteConnection>, sqlx::Error> {
+        if stmt.writes {
+            self.write().await
+        } else {
+            self.read().await
+        }
+    }
+
+}
+
+/// Writes with `RETURNING` are read to their end (`fetch_all`), never stopped after the
+/// first row: SQLite runs its WAL auto-checkpoint only when a statement is stepped to its
+/// end, and sqlx resets a statement stopped early, which commits without checkpointing —
+/// the WAL file would then grow by every write, without bound.
+impl Db for SqliteTaskStore {
+    type Row = SqliteRow;
+    const BACKEND: &'static str = "sqlite";
+
+    fn sql() -> &'static Statements {
+        &SQL
+    }
+
+    async fn fetch(
+        &self,
+        stmt: &'static Stmt,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<SqliteRow>, StoreError> {
+        let mut conn = self.connection(stmt).await?;
+        Ok(conn
+            .run(async |conn| query(stmt, args).fetch_all(conn).await)
+            .await?)
+    }
+
+    async fn execute(&self, stmt: &'static Stmt, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+        let mut conn = self.connection(stmt).await?;
+        let done = conn
+            .run(async |conn| query(stmt, args).execute(conn).await)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Inserts the task and claims the key for it in one transaction on the writer
-    /// connection; rolls both back when the key is taken. The created task, or `None`.
+    /// connection; rolls both back when the key is taken.
     async fn claim_key(
         &self,
         user_id: &str,
@@ -184,39 +272,48 @@ impl SqliteTaskStore {
             task.title.as_str(),
             task.description.as_ref().map(|d| d.as_str()),
         );
-        let created = conn
+        let (title_folded, description_folded) = (
+            crate::lists::fold(title),
+            description.map(crate::lists::fold),
+        );
+        let row = conn
             .run(async move |conn| {
                 let mut tx = conn.begin().await?;
-                let rows: Vec<TaskRow> = sqlx::query_as(&SQL.create)
-                    .bind(user_id)
-                    .bind(title)
-                    .bind(description)
-                    .bind(now.timestamp_micros())
-                    .bind(crate::lists::fold(title))
-                    .bind(description.map(crate::lists::fold))
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let create = [
+                    Arg::Text(user_id),
+                    Arg::Text(title),
+                    Arg::OptText(description),
+                    Arg::Instant(now),
+                    Arg::Text(&title_folded),
+                    Arg::OptText(description_folded.as_deref()),
+                ];
+                let rows = query(&SQL.create, &create).fetch_all(&mut *tx).await?;
                 let row = rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;
-                let claimed: Vec<i64> = sqlx::query_scalar(CLAIM_KEY)
-                    .bind(user_id)
-                    .bind(key.as_str())
-                    .bind(title)
-                    .bind(description)
-                    .bind(row.id)
-                    .bind(now.timestamp_micros())
-                    .bind(remembered_since.timestamp_micros())
-                    .fetch_all(&mut *tx)
-                    .await?;
-                if !claimed.is_empty() {
-                    tx.commit().await?;
-                    Ok(Some(row))
-                } else {
+                let id: i64 = row.try_get(0)?;
+                let claim = [
+                    Arg::Text(user_id),
+                    Arg::Text(key.as_str()),
+                    Arg::Text(title),
+                    Arg::OptText(description),
+                    Arg::Int(id),
+                    Arg::Instant(now),
+                    Arg::Instant(remembered_since),
+                ];
+                let claimed = query(&CREATE_AND_CLAIM, &claim).fetch_all(&mut *tx).await?;
+                if claimed.is_empty() {
                     tx.rollback().await?;
                     Ok(None)
+                } else {
+                    tx.commit().await?;
+                    Ok(Some(row))
                 }
             })
             .await?;
-        Ok(created.map(Task::from))
+        row.map(|row| task_at(&row, 0)).transpose()
+    }
+
+    fn as_postgres(&self) -> Option<super::PgTaskStore> {
+        None
     }
 
     fn status(&self) -> PoolStatus {
@@ -234,16 +331,6 @@ impl SqliteTaskStore {
         self.writer.acquire_wait().clone()
     }
 }
-
-impl Backend for SqliteTaskStore {
-    type Connection = SqliteConnection;
-
-    fn named_statements(&self) -> bool {
-        true
-    }
-}
-
-impl_task_store!(SqliteTaskStore, "sqlite");
 
 #[cfg(test)]
 mod tests {

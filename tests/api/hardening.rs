@@ -327,8 +327,11 @@ async fn outage(stall: bool) {
             .unwrap();
     let proxy = Proxy::start(upstream).await;
     let app = Arc::new(
-        TestApp::postgres_with_options(auth_config(), &crate::support::unlimited(), |o| {
-            o.host("127.0.0.1").port(proxy.port)
+        TestApp::postgres_with_options(auth_config(), &crate::support::unlimited(), |u| {
+            let mut u = url::Url::parse(&u).unwrap();
+            u.set_host(Some("127.0.0.1")).unwrap();
+            u.set_port(Some(proxy.port)).unwrap();
+            u.into()
         })
         .await
         .unwrap(),

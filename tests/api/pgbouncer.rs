@@ -89,9 +89,7 @@ async fn named_statements_collide_behind_a_transaction_pooler() {
         return;
     };
     let bouncer = Arc::new(bouncer);
-    // (PgBouncer refuses this startup parameter; a store in pooler mode leaves it out.)
-    let store =
-        TestApp::pgbouncer_store(&bouncer, Pooler::None, |o| o.extra_float_digits(None)).await;
+    let store = TestApp::pgbouncer_store(&bouncer, Pooler::None, |u| u).await;
     let app =
         TestApp::through_pgbouncer(store, bouncer, auth_config(), &HttpOptions::default()).await;
     let wrong = clients_at_once(Arc::new(app)).await;
@@ -123,43 +121,36 @@ async fn each_call_is_a_transaction_with_its_own_limits() {
         unreachable!()
     };
     let show = async |setting: &str| -> String {
-        let mut conn = store.pool().get().await.unwrap();
-        let sql = format!("SHOW {setting}");
-        conn.run(async |c| {
-            sqlx::query_scalar(&sql)
-                .persistent(false)
-                .fetch_one(c)
-                .await
-        })
-        .await
-        .unwrap()
+        let mut conn = store.connection().await.unwrap();
+        let rows = conn.fetch_sql(&format!("SHOW {setting}")).await.unwrap();
+        rows[0].get(0)
     };
     assert_eq!(show("statement_timeout").await, "1500ms");
     assert_eq!(show("idle_in_transaction_session_timeout").await, "1500ms");
     assert_eq!(show("transaction_isolation").await, "read committed");
     // No session setup: the pooler-less mode's setting is not there.
     assert_eq!(show("plan_cache_mode").await, "auto");
+    // Inside a transaction block (`SET LOCAL` would do nothing outside one).
+    let mut conn = store.connection().await.unwrap();
+    let rows = conn
+        .fetch_sql("SELECT now() = statement_timestamp()")
+        .await
+        .unwrap();
+    assert!(!rows[0].get::<_, bool>(0), "the statement ran inside BEGIN … COMMIT");
 
-    let mut conn = store.pool().get().await.unwrap();
-    let slow = conn
-        .run(async |c| {
-            sqlx::query("SELECT pg_sleep(3)")
-                .persistent(false)
-                .execute(c)
-                .await
-        })
-        .await;
+    let mut conn = store.connection().await.unwrap();
+    let slow = conn.fetch_sql("SELECT pg_sleep(3)").await;
     assert!(slow.unwrap_err().to_string().contains("statement timeout"));
 
-    let mut conn = store.pool().get().await.unwrap();
-    let failed: Result<(), sqlx::Error> = conn
-        .run(async |c| {
-            sqlx::query("INSERT INTO service_secrets (name, secret) VALUES ('gone', '')")
-                .persistent(false)
-                .execute(c)
-                .await?;
-            Err(sqlx::Error::RowNotFound)
-        })
+    // A call that fails half-way leaves nothing behind, and its server connection goes
+    // back to the pooler outside any transaction.
+    let mut conn = store.connection().await.unwrap();
+    let failed = conn
+        .fetch_sql(
+            "WITH gone AS (INSERT INTO service_secrets (name, secret) VALUES ('gone', '')
+                           RETURNING 1)
+             SELECT 1 / 0 FROM gone",
+        )
         .await;
     assert!(failed.is_err());
     drop(conn);
@@ -189,7 +180,7 @@ async fn migrations_take_the_direct_url() {
         direct_url: None,
         ..pool_settings()
     };
-    let refused = PgTaskStore::connect_with(bouncer.options(), &without)
+    let refused = PgTaskStore::connect(&bouncer.url, &without)
         .await
         .err()
         .expect("refused");
@@ -226,7 +217,7 @@ async fn idle_connections_are_checked_through_the_pooler() {
         check_after_idle: std::time::Duration::ZERO,
         ..pool_settings()
     };
-    let store = PgTaskStore::connect_with(bouncer.options(), &settings)
+    let store = PgTaskStore::connect(&bouncer.url, &settings)
         .await
         .unwrap();
     for _ in 0..5 {

@@ -3,13 +3,14 @@
 
 use axum::http::{Method, StatusCode};
 use serde_json::json;
-use sqlx::postgres::{PgPoolOptions, PgSslMode};
+use sqlx::postgres::PgPoolOptions;
 use std::time::Duration;
 
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use task_api::config::CorsOrigins;
 use task_api::lists::Listing;
-use task_api::storage::{PgTaskStore, PoolSettings, StoreError, TaskStore};
+use task_api::storage::postgres::connections::PIPELINE_DEPTH;
+use task_api::storage::{PgTaskStore, PoolSettings, TaskStore};
 
 use crate::support::{PgSchema, TestApp, pool_settings, postgres_url, utc};
 
@@ -57,7 +58,7 @@ async fn column_type(pool: &PgPool, column: &str) -> String {
 async fn stage1_table_is_adopted_with_every_row() {
     let Some(url) = postgres_url() else { return };
     let (schema, pool) = stage1_schema(&url).await;
-    let store = PgTaskStore::connect_with(schema.options(), &pool_settings())
+    let store = PgTaskStore::connect(&schema.url(), &pool_settings())
         .await
         .unwrap();
     let app = TestApp::from_store(store, schema).await;
@@ -124,8 +125,7 @@ async fn stage1_table_is_adopted_with_every_row() {
     assert!(utc(&patched.json["updated_at"]) > utc(&tasks[0]["updated_at"]));
 
     // Starting again changes nothing.
-    let schema_options = app.pg_schema_options();
-    PgTaskStore::connect_with(schema_options, &pool_settings())
+    PgTaskStore::connect(&app.pg_schema_url(), &pool_settings())
         .await
         .unwrap();
     assert_eq!(app.count("alice").await, 4);
@@ -167,7 +167,7 @@ async fn an_interrupted_adoption_leaves_the_table_as_it_was() {
     assert_eq!(rows, 3);
 
     // The next start-up completes the adoption.
-    PgTaskStore::connect_with(schema.options(), &pool_settings())
+    PgTaskStore::connect(&schema.url(), &pool_settings())
         .await
         .unwrap();
     assert_eq!(column_type(&pool, "id").await, "bigint");
@@ -191,20 +191,17 @@ async fn works_over_tls_with_sslmode_require() {
     let store = PgTaskStore::connect(&tls_url, &pool_settings())
         .await
         .unwrap();
-    let mut conn = store.pool().get().await.unwrap();
-    let on_tls: bool = conn
-        .run(async |c| {
-            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-                .fetch_one(c)
-                .await
-        })
+    let mut conn = store.connection().await.unwrap();
+    let rows = conn
+        .fetch_sql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
         .await
         .unwrap();
-    assert!(on_tls);
+    assert!(rows[0].get::<_, bool>(0));
+    drop(conn);
 
     // And the whole API over an encrypted connection.
-    let app = TestApp::postgres_with(crate::support::auth_config(), CorsOrigins::None, |o| {
-        o.ssl_mode(PgSslMode::Require)
+    let app = TestApp::postgres_with(crate::support::auth_config(), CorsOrigins::None, |u| {
+        format!("{u}&sslmode=require")
     })
     .await
     .unwrap();
@@ -225,29 +222,16 @@ async fn every_connection_carries_a_statement_timeout_and_keeps_generic_plans() 
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
     let store = store_on(&schema, 1, |s| s).await;
-    let mut conn = store.pool().get().await.unwrap();
-    let timeout: String = conn
-        .run(async |c| {
-            sqlx::query_scalar("SHOW statement_timeout")
-                .fetch_one(c)
-                .await
-        })
-        .await
-        .unwrap();
-    assert_eq!(timeout, "1500ms");
-    let plans: String = conn
-        .run(async |c| {
-            sqlx::query_scalar("SHOW plan_cache_mode")
-                .fetch_one(c)
-                .await
-        })
-        .await
-        .unwrap();
-    assert_eq!(plans, "force_generic_plan");
+    let mut conn = store.connection().await.unwrap();
+    for (setting, value) in [
+        ("statement_timeout", "1500ms"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ] {
+        let rows = conn.fetch_sql(&format!("SHOW {setting}")).await.unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), value);
+    }
     // A statement past it is cancelled by the server.
-    let slow = conn
-        .run(async |c| sqlx::query("SELECT pg_sleep(3)").execute(c).await)
-        .await;
+    let slow = conn.fetch_sql("SELECT pg_sleep(3)").await;
     assert!(slow.unwrap_err().to_string().contains("statement timeout"));
 }
 
@@ -261,21 +245,16 @@ async fn store_on(
         max_connections,
         ..pool_settings()
     });
-    PgTaskStore::connect_with(schema.options(), &settings)
+    PgTaskStore::connect(&schema.url(), &settings)
         .await
         .unwrap()
 }
 
-/// The server process behind a pooled connection.
+/// The server process behind the connection a call gets now.
 async fn backend_pid(store: &PgTaskStore) -> i32 {
-    let mut conn = store.pool().get().await.unwrap();
-    conn.run(async |c| {
-        sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(c)
-            .await
-    })
-    .await
-    .unwrap()
+    let mut conn = store.connection().await.unwrap();
+    let rows = conn.fetch_sql("SELECT pg_backend_pid()").await.unwrap();
+    rows[0].get(0)
 }
 
 async fn terminate(url: &str, pid: i32) {
@@ -299,32 +278,29 @@ async fn a_finished_call_leaves_its_connection_for_the_next() {
     assert_eq!(store.pool_status().size, 1);
 }
 
+/// A call abandoned half-way (its deadline passed) leaves the shared connection as it
+/// was: the reply to its statement is read and dropped, and the next call gets its own.
 #[tokio::test]
-async fn a_call_cut_short_never_hands_its_connection_out_again() {
+async fn a_call_cut_short_leaves_its_connection_usable() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
     let store = store_on(&schema, 1, |s| s).await;
     let first = backend_pid(&store).await;
-    {
-        let mut conn = store.pool().get().await.unwrap();
-        // Cancelled while the server is still working on it: its reply is never read.
-        let cut = tokio::time::timeout(
-            Duration::from_millis(100),
-            conn.run(async |c| sqlx::query("SELECT pg_sleep(1)").execute(c).await),
-        )
-        .await;
-        assert!(cut.is_err());
-    }
-    // The next call gets a new connection, and a clean reply.
-    let second = backend_pid(&store).await;
-    assert_ne!(second, first);
+    let cut = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut conn = store.connection().await.unwrap();
+        conn.fetch_sql("SELECT pg_sleep(0.5)").await
+    })
+    .await;
+    assert!(cut.is_err());
     let page = store.list("alice", &Listing::default()).await.unwrap();
     assert!(page.tasks.is_empty());
+    assert_eq!(store.change_marker("alice").await.unwrap(), 0);
+    assert_eq!(backend_pid(&store).await, first);
     assert_eq!(store.pool_status().size, 1);
 }
 
 #[tokio::test]
-async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
+async fn a_connection_the_server_closed_is_replaced() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
     let store = store_on(&schema, 1, |s| PoolSettings {
@@ -333,50 +309,52 @@ async fn an_idle_connection_the_server_closed_is_replaced_before_use() {
     })
     .await;
     terminate(&url, backend_pid(&store).await).await;
-    // The ping at checkout finds it dead; the call runs on a fresh connection.
+    // The ping before use finds it dead; the call runs on a fresh connection.
     store.list("alice", &Listing::default()).await.unwrap();
 
-    // Without the idle check (busy connections are not pinged), the first call on a
-    // connection closed behind the pool's back fails, and the pool replaces it.
+    // Without the idle check, the store notices by itself that the server went away,
+    // and the next call opens a new connection.
     let store = store_on(&schema, 1, |s| PoolSettings {
         check_after_idle: Duration::from_secs(3600),
         ..s
     })
     .await;
-    terminate(&url, backend_pid(&store).await).await;
-    let failed = store.list("alice", &Listing::default()).await;
-    assert!(matches!(failed, Err(StoreError::Database(_))), "{failed:?}");
+    let first = backend_pid(&store).await;
+    terminate(&url, first).await;
+    let noticed = tokio::time::timeout(Duration::from_secs(5), async {
+        while store.pool_status().size != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(noticed.is_ok(), "the closed connection is still counted");
     store.list("alice", &Listing::default()).await.unwrap();
+    assert_ne!(backend_pid(&store).await, first);
 }
 
+/// Calls share the first connection until it carries `PIPELINE_DEPTH` at once; only then
+/// does the next one open.
 #[tokio::test]
-async fn the_most_recently_used_connection_is_handed_out_first() {
+async fn calls_share_the_first_connection_until_it_is_busy() {
     let Some(url) = postgres_url() else { return };
     let schema = PgSchema::create(&url).await;
     let store = store_on(&schema, 3, |s| s).await;
-    // A burst opens three connections; they come back one after another.
-    let mut burst = Vec::new();
+    let first = backend_pid(&store).await;
     for _ in 0..3 {
-        burst.push(store.pool().get().await.unwrap());
+        assert_eq!(backend_pid(&store).await, first);
     }
-    let mut pids = Vec::new();
-    for conn in &mut burst {
-        let pid: i32 = conn
-            .run(async |c| {
-                sqlx::query_scalar("SELECT pg_backend_pid()")
-                    .fetch_one(c)
-                    .await
-            })
-            .await
-            .unwrap();
-        pids.push(pid);
+    assert_eq!(store.pool_status().size, 1);
+    let mut held = Vec::new();
+    for _ in 0..PIPELINE_DEPTH {
+        held.push(store.connection().await.unwrap());
     }
-    drop(burst);
-    // Light load afterwards keeps using the last one back; the others stay idle until
-    // the reaper closes them.
-    for _ in 0..3 {
-        assert_eq!(backend_pid(&store).await, pids[2]);
-    }
+    assert_eq!(store.pool_status().size, 1);
+    let mut next = store.connection().await.unwrap();
+    let rows = next.fetch_sql("SELECT pg_backend_pid()").await.unwrap();
+    assert_ne!(rows[0].get::<_, i32>(0), first);
+    assert_eq!(store.pool_status().size, 2);
+    drop((held, next));
+    assert_eq!(backend_pid(&store).await, first);
 }
 
 #[tokio::test]
@@ -395,7 +373,7 @@ async fn migrations_wait_out_a_lock_longer_than_any_request_may() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let second = PgTaskStore::connect_with(schema.options(), &pool_settings()).await;
+    let second = PgTaskStore::connect(&schema.url(), &pool_settings()).await;
     assert!(second.is_ok(), "{:?}", second.err());
     assert!(started.elapsed() >= Duration::from_secs(2), "it did wait");
 }
@@ -409,7 +387,7 @@ async fn an_id_sequence_not_owned_by_the_column_stops_start_up() {
     pool.execute("ALTER SEQUENCE tasks_id_seq OWNED BY NONE")
         .await
         .unwrap();
-    let Err(error) = PgTaskStore::connect_with(schema.options(), &pool_settings()).await else {
+    let Err(error) = PgTaskStore::connect(&schema.url(), &pool_settings()).await else {
         panic!("start-up accepted a table whose id sequence is not owned");
     };
     assert!(error.to_string().contains("OWNED BY tasks.id"), "{error}");

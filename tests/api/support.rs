@@ -36,7 +36,7 @@ pub enum Db {
     /// A second service instance on another app's PostgreSQL schema (which that app owns).
     PostgresPeer {
         store: PgTaskStore,
-        options: Box<PgConnectOptions>,
+        url: String,
     },
     /// PostgreSQL through PgBouncer in transaction mode (instances may share one).
     Pgbouncer {
@@ -99,12 +99,23 @@ impl PgSchema {
         }
     }
 
+    /// A URL whose connections resolve unqualified names in this schema.
+    pub fn url(&self) -> String {
+        schema_url(&self.url, &self.name)
+    }
+
     /// Connection options whose unqualified names resolve in this schema.
     pub fn options(&self) -> PgConnectOptions {
         PgConnectOptions::from_str(&self.url)
             .unwrap()
             .options([("search_path", self.name.as_str())])
     }
+}
+
+/// `url` with its connections' `search_path` set to `schema`.
+pub fn schema_url(url: &str, schema: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
 }
 
 impl Drop for PgSchema {
@@ -387,7 +398,7 @@ impl TestApp {
     pub async fn postgres_with(
         auth: AuthConfig,
         cors: CorsOrigins,
-        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+        tweak: impl FnOnce(String) -> String,
     ) -> Option<Self> {
         let options = HttpOptions {
             cors,
@@ -399,11 +410,11 @@ impl TestApp {
     pub async fn postgres_with_options(
         auth: AuthConfig,
         options: &HttpOptions,
-        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+        tweak: impl FnOnce(String) -> String,
     ) -> Option<Self> {
         let url = postgres_url()?;
         let schema = PgSchema::create(&url).await;
-        let store = PgTaskStore::connect_with(tweak(schema.options()), &pool_settings())
+        let store = PgTaskStore::connect(&tweak(schema.url()), &pool_settings())
             .await
             .unwrap();
         let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options).await;
@@ -435,14 +446,14 @@ impl TestApp {
     pub async fn pgbouncer_store(
         bouncer: &Pgbouncer,
         pooler: Pooler,
-        tweak: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+        tweak: impl FnOnce(String) -> String,
     ) -> PgTaskStore {
         let settings = PoolSettings {
             pooler,
             direct_url: Some(bouncer.direct_url.clone().into()),
             ..pool_settings()
         };
-        PgTaskStore::connect_with(tweak(bouncer.options()), &settings)
+        PgTaskStore::connect(&tweak(bouncer.url.clone()), &settings)
             .await
             .unwrap()
     }
@@ -490,10 +501,20 @@ impl TestApp {
         }
     }
 
+    /// A URL to the app's PostgreSQL database and schema.
+    pub fn pg_schema_url(&self) -> String {
+        match &self.db {
+            Db::Postgres { _schema, .. } => _schema.url(),
+            Db::PostgresPeer { url, .. } => url.clone(),
+            Db::Pgbouncer { bouncer, .. } => bouncer.direct_url.clone(),
+            Db::Sqlite { .. } => panic!("not a PostgreSQL app"),
+        }
+    }
+
     pub fn pg_schema_options(&self) -> PgConnectOptions {
         match &self.db {
             Db::Postgres { _schema, .. } => _schema.options(),
-            Db::PostgresPeer { options, .. } => (**options).clone(),
+            Db::PostgresPeer { url, .. } => PgConnectOptions::from_str(url).unwrap(),
             Db::Pgbouncer { bouncer, .. } => {
                 PgConnectOptions::from_str(&bouncer.direct_url).unwrap()
             }
@@ -509,8 +530,8 @@ impl TestApp {
             return Self::through_pgbouncer(store, bouncer.clone(), self.auth.clone(), options)
                 .await;
         }
-        let schema = self.pg_schema_options();
-        let store = PgTaskStore::connect_with(schema.clone(), &pool_settings())
+        let url = self.pg_schema_url();
+        let store = PgTaskStore::connect(&url, &pool_settings())
             .await
             .unwrap();
         let auth = self.auth.clone();
@@ -519,10 +540,7 @@ impl TestApp {
             router,
             metrics,
             auth,
-            db: Db::PostgresPeer {
-                store,
-                options: Box::new(schema),
-            },
+            db: Db::PostgresPeer { store, url },
         }
     }
 
@@ -593,7 +611,7 @@ impl TestApp {
             Db::Sqlite { store, .. } => store.close(),
             Db::Postgres { store, .. }
             | Db::PostgresPeer { store, .. }
-            | Db::Pgbouncer { store, .. } => store.pool().close(),
+            | Db::Pgbouncer { store, .. } => store.close(),
         }
     }
 
