@@ -81,18 +81,28 @@ async fn clients_at_once(app: Arc<TestApp>) -> Vec<String> {
     users.join_all().await.concat()
 }
 
-/// The failure this mode exists for: with named statements (sqlx's default), clients
-/// that share PgBouncer's server connections collide on the statements' names.
+/// The failure this mode exists for: with named statements (prepared once per
+/// connection), two instances whose connections share PgBouncer's server connections
+/// collide on the statements' names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_statements_collide_behind_a_transaction_pooler() {
     let Some(bouncer) = Pgbouncer::start(PGBOUNCER_POOL_SIZE).await else {
         return;
     };
     let bouncer = Arc::new(bouncer);
-    let store = TestApp::pgbouncer_store(&bouncer, Pooler::None, |u| u).await;
-    let app =
-        TestApp::through_pgbouncer(store, bouncer, auth_config(), &HttpOptions::default()).await;
-    let wrong = clients_at_once(Arc::new(app)).await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let store = TestApp::pgbouncer_store(&bouncer, Pooler::None, |u| u).await;
+        let app = TestApp::through_pgbouncer(
+            store,
+            bouncer.clone(),
+            auth_config(),
+            &HttpOptions::default(),
+        )
+        .await;
+        instances.push(clients_at_once(Arc::new(app)));
+    }
+    let wrong = futures_util::future::join_all(instances).await.concat();
     assert!(
         !wrong.is_empty(),
         "expected collisions between named statements"

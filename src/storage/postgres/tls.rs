@@ -45,10 +45,15 @@ pub fn connection_settings(
             _ => Some((key.into_owned(), value.into_owned())),
         })
         .collect();
-    parsed.set_query(None);
-    if !rest.is_empty() {
-        parsed.query_pairs_mut().extend_pairs(rest);
-    }
+    // Percent-encoded (tokio-postgres reads no `+` as a space).
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let query: Vec<String> = rest
+        .iter()
+        .map(|(key, value)| format!("{}={}", encode(key), encode(value)))
+        .collect();
+    parsed.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
     let mut config = tokio_postgres::Config::from_str(parsed.as_str())?;
     let check = match (mode.as_str(), &root_cert) {
         ("disable", _) => {
