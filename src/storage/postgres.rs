@@ -186,7 +186,7 @@ impl PgTaskStore {
     /// A client of the store's own, for one call (tools and tests that need to send
     /// their own statements).
     pub async fn connection(&self) -> Result<Lease<'_>, StoreError> {
-        self.connections.get().await
+        self.connections.get(false).await
     }
 
     /// Closes every connection; calls made afterwards fail.
@@ -252,11 +252,11 @@ impl Db for PgTaskStore {
         stmt: &'static Stmt,
         args: &[Arg<'_>],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        self.connections.get().await?.fetch(stmt, args).await
+        self.connections.get(stmt.writes).await?.fetch(stmt, args).await
     }
 
     async fn execute(&self, stmt: &'static Stmt, args: &[Arg<'_>]) -> Result<u64, StoreError> {
-        self.connections.get().await?.execute(stmt, args).await
+        self.connections.get(stmt.writes).await?.execute(stmt, args).await
     }
 
     /// One statement: the key's row and the task are inserted together.
