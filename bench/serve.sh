@@ -22,6 +22,9 @@
 # the shared secret), eddsa or rs256: tokens signed as Better Auth signs them, by a key
 # made for the run whose JWKS a local web server publishes (JWKS_URL), made by
 # examples/bench_tokens.rs. Sets tokens_note.
+#
+# BENCH_WORKERS: the server's worker threads (TOKIO_WORKER_THREADS; default: one per
+# core). Sets workers_note.
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 # BENCH_BINARY: another build to measure (e.g. an earlier release), instead of this tree's.
 if [ -z "${BENCH_BINARY:-}" ]; then
@@ -146,6 +149,13 @@ esac
 trap 'stop_server; kill "${jwks_server:-}" 2>/dev/null || true; redis_clean; rm -rf "$work"' EXIT
 
 export JWT_SECRET=bench-secret-bench-secret-bench-secret
+if [ -n "${BENCH_WORKERS:-}" ]; then
+  export TOKIO_WORKER_THREADS=$BENCH_WORKERS
+  workers_note="$BENCH_WORKERS worker thread(s)"
+else
+  unset TOKIO_WORKER_THREADS
+  workers_note="$(nproc) worker threads (one per core)"
+fi
 export DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$work/bench.db}
 export PORT=$port HOST=127.0.0.1 RUST_LOG=${RUST_LOG:-warn}
 # The metrics listener, read by server_counters (the counters are kept either way).

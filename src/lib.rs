@@ -195,6 +195,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Each answer goes out as soon as it is written, never held back for an earlier
+        // segment's acknowledgement (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         // The peer's address, for the failed-authentication limit.
         let peer = axum::extract::ConnectInfo(stream.peer_addr().ok());
         let service = TowerToHyperService::new(app.clone().map_request(

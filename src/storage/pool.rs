@@ -135,17 +135,17 @@ impl<C: Connection + 'static> Pool<C> {
         acquire_wait: Histogram,
     ) -> Self {
         let inner = managed::Pool::builder(Manager { connect, lifecycle })
-        .max_size(max_size)
-        // The most recently used connection first: under light load the same few
-        // stay warm (no idle check), and the rest go idle and are closed.
-        .queue_mode(managed::QueueMode::Lifo)
-        .runtime(deadpool::Runtime::Tokio1)
-        .wait_timeout(Some(acquire_timeout))
-        .create_timeout(Some(acquire_timeout))
-        .recycle_timeout(Some(acquire_timeout))
-        .build()
-        // Only fails when a timeout is set without a runtime, and one is set above.
-        .unwrap_or_else(|e| unreachable!("pool configuration: {e}"));
+            .max_size(max_size)
+            // The most recently used connection first: under light load the same few
+            // stay warm (no idle check), and the rest go idle and are closed.
+            .queue_mode(managed::QueueMode::Lifo)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(acquire_timeout))
+            .create_timeout(Some(acquire_timeout))
+            .recycle_timeout(Some(acquire_timeout))
+            .build()
+            // Only fails when a timeout is set without a runtime, and one is set above.
+            .unwrap_or_else(|e| unreachable!("pool configuration: {e}"));
         if let Some(idle_timeout) = lifecycle.idle_timeout {
             tokio::spawn(reap_idle(inner.weak(), idle_timeout));
         }

@@ -252,11 +252,19 @@ impl Db for PgTaskStore {
         stmt: &'static Stmt,
         args: &[Arg<'_>],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        self.connections.get(stmt.writes).await?.fetch(stmt, args).await
+        self.connections
+            .get(stmt.writes)
+            .await?
+            .fetch(stmt, args)
+            .await
     }
 
     async fn execute(&self, stmt: &'static Stmt, args: &[Arg<'_>]) -> Result<u64, StoreError> {
-        self.connections.get(stmt.writes).await?.execute(stmt, args).await
+        self.connections
+            .get(stmt.writes)
+            .await?
+            .execute(stmt, args)
+            .await
     }
 
     /// One statement: the key's row and the task are inserted together.

@@ -96,7 +96,9 @@ pub struct Statements {
 
 impl Statements {
     pub fn new<D: Dialect>() -> Self {
-        let lists = ListShape::all().map(|shape| Stmt::read(list::<D>(shape))).collect();
+        let lists = ListShape::all()
+            .map(|shape| Stmt::read(list::<D>(shape)))
+            .collect();
         Self {
             lists,
             change_marker: Stmt::read("SELECT counter FROM user_changes WHERE user_id = $1"),
@@ -174,32 +176,48 @@ impl Statements {
             // The age test is repeated outside the subquery: a key reclaimed by a create
             // while this statement waited for its row lock is re-checked on its new
             // version (PostgreSQL re-evaluates only the outer condition) and kept.
-            purge_keys: Stmt::write("DELETE FROM idempotency_keys
+            purge_keys: Stmt::write(
+                "DELETE FROM idempotency_keys
                          WHERE created_at <= $1 AND (user_id, idempotency_key) IN (
                              SELECT user_id, idempotency_key FROM idempotency_keys
-                             WHERE created_at <= $1 ORDER BY created_at LIMIT $2)"),
-            purge_tombstones: Stmt::write("DELETE FROM task_tombstones
+                             WHERE created_at <= $1 ORDER BY created_at LIMIT $2)",
+            ),
+            purge_tombstones: Stmt::write(
+                "DELETE FROM task_tombstones
                                WHERE deleted_at <= $1 AND (user_id, change_seq) IN (
                                    SELECT user_id, change_seq FROM task_tombstones
-                                   WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)"),
-            store_ticket: Stmt::write("INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
-                           VALUES ($1, $2, $3, $4)"),
+                                   WHERE deleted_at <= $1 ORDER BY deleted_at LIMIT $2)",
+            ),
+            store_ticket: Stmt::write(
+                "INSERT INTO event_tickets (user_id, ticket, expires_at, token_valid_until)
+                           VALUES ($1, $2, $3, $4)",
+            ),
             // One statement: of two requests redeeming one ticket, only one deletes it.
-            redeem_ticket: Stmt::write("DELETE FROM event_tickets
+            redeem_ticket: Stmt::write(
+                "DELETE FROM event_tickets
                             WHERE user_id = $1 AND ticket = $2 AND expires_at > $3
-                            RETURNING token_valid_until"),
-            purge_tickets: Stmt::write("DELETE FROM event_tickets
+                            RETURNING token_valid_until",
+            ),
+            purge_tickets: Stmt::write(
+                "DELETE FROM event_tickets
                             WHERE expires_at <= $1 AND (user_id, ticket) IN (
                                 SELECT user_id, ticket FROM event_tickets
-                                WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)"),
-            unfolded: Stmt::read("SELECT id, user_id, title, description, version FROM tasks
-                       WHERE folded_version <> version ORDER BY id LIMIT $1"),
+                                WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
+            ),
+            unfolded: Stmt::read(
+                "SELECT id, user_id, title, description, version FROM tasks
+                       WHERE folded_version <> version ORDER BY id LIMIT $1",
+            ),
             // Only if the task is still at the version that was folded.
-            refold: Stmt::write("UPDATE tasks
+            refold: Stmt::write(
+                "UPDATE tasks
                      SET title_folded = $4, description_folded = $5, folded_version = version
-                     WHERE user_id = $1 AND id = $2 AND version = $3"),
-            store_secret: Stmt::write("INSERT INTO service_secrets (name, secret) VALUES ($1, $2)
-                           ON CONFLICT (name) DO NOTHING"),
+                     WHERE user_id = $1 AND id = $2 AND version = $3",
+            ),
+            store_secret: Stmt::write(
+                "INSERT INTO service_secrets (name, secret) VALUES ($1, $2)
+                           ON CONFLICT (name) DO NOTHING",
+            ),
             // On the writer, right after `store_secret`.
             secret: Stmt::write("SELECT secret FROM service_secrets WHERE name = $1"),
             ping: Stmt::read("SELECT 1"),

@@ -76,19 +76,20 @@ type Query<'q> = sqlx::query::Query<'q, Driver, SqliteArguments<'q>>;
 
 /// `stmt` with `args` bound in SQLite's types.
 fn query<'q>(stmt: &'q Stmt, args: &[Arg<'q>]) -> Query<'q> {
-    args.iter().fold(sqlx::query(&stmt.sql), |query, arg| match *arg {
-        Arg::Text(text) => query.bind(text),
-        Arg::OptText(text) => query.bind(text),
-        Arg::Int(n) => query.bind(n),
-        Arg::Bool(b) => query.bind(b),
-        Arg::OptBool(b) => query.bind(b),
-        Arg::Instant(at) => query.bind(to_instant(at)),
-        // A JSON array (SQLite has no array type); NULL for any.
-        Arg::Versions(versions) => {
-            query.bind(versions.and_then(|versions| serde_json::to_string(versions).ok()))
-        }
-        Arg::Bytes(bytes) => query.bind(bytes),
-    })
+    args.iter()
+        .fold(sqlx::query(&stmt.sql), |query, arg| match *arg {
+            Arg::Text(text) => query.bind(text),
+            Arg::OptText(text) => query.bind(text),
+            Arg::Int(n) => query.bind(n),
+            Arg::Bool(b) => query.bind(b),
+            Arg::OptBool(b) => query.bind(b),
+            Arg::Instant(at) => query.bind(to_instant(at)),
+            // A JSON array (SQLite has no array type); NULL for any.
+            Arg::Versions(versions) => {
+                query.bind(versions.and_then(|versions| serde_json::to_string(versions).ok()))
+            }
+            Arg::Bytes(bytes) => query.bind(bytes),
+        })
 }
 
 impl Row for SqliteRow {
@@ -223,7 +224,6 @@ impl SqliteTaskStore {
             self.read().await
         }
     }
-
 }
 
 /// Writes with `RETURNING` are read to their end (`fetch_all`), never stopped after the

@@ -146,7 +146,10 @@ async fn each_call_is_a_transaction_with_its_own_limits() {
         .fetch_sql("SELECT now() = statement_timestamp()")
         .await
         .unwrap();
-    assert!(!rows[0].get::<_, bool>(0), "the statement ran inside BEGIN … COMMIT");
+    assert!(
+        !rows[0].get::<_, bool>(0),
+        "the statement ran inside BEGIN … COMMIT"
+    );
 
     let mut conn = store.connection().await.unwrap();
     let slow = conn.fetch_sql("SELECT pg_sleep(3)").await;
@@ -227,9 +230,7 @@ async fn idle_connections_are_checked_through_the_pooler() {
         check_after_idle: std::time::Duration::ZERO,
         ..pool_settings()
     };
-    let store = PgTaskStore::connect(&bouncer.url, &settings)
-        .await
-        .unwrap();
+    let store = PgTaskStore::connect(&bouncer.url, &settings).await.unwrap();
     for _ in 0..5 {
         store.ping().await.unwrap();
         assert_eq!(store.change_marker("alice").await.unwrap(), 0);

@@ -34,10 +34,7 @@ pub enum Db {
         _schema: PgSchema,
     },
     /// A second service instance on another app's PostgreSQL schema (which that app owns).
-    PostgresPeer {
-        store: PgTaskStore,
-        url: String,
-    },
+    PostgresPeer { store: PgTaskStore, url: String },
     /// PostgreSQL through PgBouncer in transaction mode (instances may share one).
     Pgbouncer {
         store: PgTaskStore,
@@ -531,9 +528,7 @@ impl TestApp {
                 .await;
         }
         let url = self.pg_schema_url();
-        let store = PgTaskStore::connect(&url, &pool_settings())
-            .await
-            .unwrap();
+        let store = PgTaskStore::connect(&url, &pool_settings()).await.unwrap();
         let auth = self.auth.clone();
         let (router, metrics) = build(Arc::new(store.clone()), Verifier::new(&auth), options).await;
         Self {

@@ -146,7 +146,8 @@ impl Connections {
         let started = Instant::now();
         let lease = tokio::time::timeout(self.upkeep.acquire_timeout, self.lease(writes)).await;
         self.wait.observe(started.elapsed().as_secs_f64());
-        let mut lease = lease.map_err(|_| StoreError::database("no database connection in time"))??;
+        let mut lease =
+            lease.map_err(|_| StoreError::database("no database connection in time"))??;
         let idle = self
             .now_ms()
             .saturating_sub(lease.conn.last_used.swap(self.now_ms(), Ordering::Relaxed));
@@ -333,7 +334,11 @@ impl Lease<'_> {
     }
 
     /// Runs `stmt`; how many rows it changed.
-    pub async fn execute(&mut self, stmt: &'static Stmt, args: &[Arg<'_>]) -> Result<u64, StoreError> {
+    pub async fn execute(
+        &mut self,
+        stmt: &'static Stmt,
+        args: &[Arg<'_>],
+    ) -> Result<u64, StoreError> {
         let done = match &self.pool.sharing {
             Sharing::Pipelined { .. } => {
                 let statement = self.prepared(stmt).await?;

@@ -18,7 +18,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -185,13 +187,10 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -231,13 +230,27 @@ mod tests {
         let mode = |url: &str| connection_settings(url).map(|(c, _)| c.get_ssl_mode());
         let base = "postgres://u:p@db.example/tasks";
         assert!(matches!(mode(base), Ok(SslMode::Prefer)));
-        assert!(matches!(mode(&format!("{base}?sslmode=disable")), Ok(SslMode::Disable)));
-        assert!(matches!(mode(&format!("{base}?sslmode=allow")), Ok(SslMode::Prefer)));
+        assert!(matches!(
+            mode(&format!("{base}?sslmode=disable")),
+            Ok(SslMode::Disable)
+        ));
+        assert!(matches!(
+            mode(&format!("{base}?sslmode=allow")),
+            Ok(SslMode::Prefer)
+        ));
         for strict in ["require", "verify-ca", "verify-full"] {
-            assert!(matches!(mode(&format!("{base}?sslmode={strict}")), Ok(SslMode::Require)));
+            assert!(matches!(
+                mode(&format!("{base}?sslmode={strict}")),
+                Ok(SslMode::Require)
+            ));
         }
         assert!(mode(&format!("{base}?sslmode=sometimes")).is_err());
-        assert!(mode(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent")).is_err());
+        assert!(
+            mode(&format!(
+                "{base}?sslmode=verify-full&sslrootcert=/nonexistent"
+            ))
+            .is_err()
+        );
     }
 
     #[test]
