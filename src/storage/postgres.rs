@@ -14,7 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
 use super::pool::wait_histogram;
-use super::sql::{Arg, Db, Dialect, Row, Statements, Stmt, task_at};
+use super::sql::{Arg, Db, Dialect, NewRow, Row, Statements, Stmt, task_at};
 use super::{PoolSettings, PoolStatus, Pooler, StoreError};
 use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
@@ -276,20 +276,16 @@ impl Db for PgTaskStore {
         now: DateTime<Utc>,
         remembered_since: DateTime<Utc>,
     ) -> Result<Option<Task>, StoreError> {
-        let description = task.description.as_ref().map(|d| d.as_str());
-        let (title_folded, description_folded) = (
-            crate::lists::fold(task.title.as_str()),
-            description.map(crate::lists::fold),
-        );
+        let row = NewRow::new(user_id, task, now);
         let args = [
             Arg::Text(user_id),
             Arg::Text(key.as_str()),
-            Arg::Text(task.title.as_str()),
-            Arg::OptText(description),
+            Arg::Text(row.title),
+            Arg::OptText(row.description),
             Arg::Instant(now),
             Arg::Instant(remembered_since),
-            Arg::Text(&title_folded),
-            Arg::OptText(description_folded.as_deref()),
+            Arg::Text(&row.title_folded),
+            Arg::OptText(row.description_folded.as_deref()),
         ];
         let rows = self.fetch(&CLAIM, &args).await?;
         rows.first().map(|row| task_at(row, 0)).transpose()

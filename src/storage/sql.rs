@@ -375,6 +375,42 @@ pub(super) fn task_at(row: &impl Row, at: usize) -> Result<Task, StoreError> {
     })
 }
 
+/// A new task's columns as the statements bind them, with its folded copies (search).
+pub(super) struct NewRow<'a> {
+    pub user_id: &'a str,
+    pub title: &'a str,
+    pub description: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    pub title_folded: String,
+    pub description_folded: Option<String>,
+}
+
+impl<'a> NewRow<'a> {
+    pub fn new(user_id: &'a str, task: &'a NewTask, now: DateTime<Utc>) -> Self {
+        let description = task.description.as_ref().map(|d| d.as_str());
+        Self {
+            user_id,
+            title: task.title.as_str(),
+            description,
+            now,
+            title_folded: crate::lists::fold(task.title.as_str()),
+            description_folded: description.map(crate::lists::fold),
+        }
+    }
+
+    /// The create statement's parameters (`$1`–`$6`).
+    pub fn create_args(&self) -> [Arg<'_>; 6] {
+        [
+            Arg::Text(self.user_id),
+            Arg::Text(self.title),
+            Arg::OptText(self.description),
+            Arg::Instant(self.now),
+            Arg::Text(&self.title_folded),
+            Arg::OptText(self.description_folded.as_deref()),
+        ]
+    }
+}
+
 /// A database the shared store logic runs on: one statement at a time, each its own
 /// transaction, and what only the backend knows.
 pub trait Db: Send + Sync + 'static {
@@ -571,20 +607,8 @@ impl<D: Db> TaskStore for D {
         task: &NewTask,
         now: DateTime<Utc>,
     ) -> Result<Task, StoreError> {
-        let description = task.description.as_ref().map(|d| d.as_str());
-        let (title_folded, description_folded) = (
-            crate::lists::fold(task.title.as_str()),
-            description.map(crate::lists::fold),
-        );
-        let args = [
-            Arg::Text(user_id),
-            Arg::Text(task.title.as_str()),
-            Arg::OptText(description),
-            Arg::Instant(now),
-            Arg::Text(&title_folded),
-            Arg::OptText(description_folded.as_deref()),
-        ];
-        let rows = self.fetch(&D::sql().create, &args).await?;
+        let row = NewRow::new(user_id, task, now);
+        let rows = self.fetch(&D::sql().create, &row.create_args()).await?;
         match rows.first() {
             Some(row) => task_at(row, 0),
             None => Err(StoreError::database("the insert returned no row")),

@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row as _};
 
 use super::pool::{Lifecycle, Pool, Pooled, wait_histogram};
-use super::sql::{Arg, Db, Dialect, Row, Statements, Stmt, task_at};
+use super::sql::{Arg, Db, Dialect, NewRow, Row, Statements, Stmt, task_at};
 use super::{PoolSettings, PoolStatus, StoreError};
 use crate::idempotency::IdempotencyKey;
 use crate::tasks::{NewTask, Task};
@@ -47,7 +47,7 @@ impl Dialect for Sqlite {
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(Statements::new::<Sqlite>);
-static CREATE_AND_CLAIM: LazyLock<Stmt> = LazyLock::new(|| Stmt::write(CLAIM_KEY));
+static CLAIM: LazyLock<Stmt> = LazyLock::new(|| Stmt::write(CLAIM_KEY));
 
 /// Claims the key for the task just inserted in the same transaction; no row back when
 /// the key is held by a create made after `$7`.
@@ -268,38 +268,25 @@ impl Db for SqliteTaskStore {
         remembered_since: DateTime<Utc>,
     ) -> Result<Option<Task>, StoreError> {
         let mut conn = self.write().await?;
-        let (title, description) = (
-            task.title.as_str(),
-            task.description.as_ref().map(|d| d.as_str()),
-        );
-        let (title_folded, description_folded) = (
-            crate::lists::fold(title),
-            description.map(crate::lists::fold),
-        );
+        let new = NewRow::new(user_id, task, now);
         let row = conn
             .run(async move |conn| {
                 let mut tx = conn.begin().await?;
-                let create = [
-                    Arg::Text(user_id),
-                    Arg::Text(title),
-                    Arg::OptText(description),
-                    Arg::Instant(now),
-                    Arg::Text(&title_folded),
-                    Arg::OptText(description_folded.as_deref()),
-                ];
-                let rows = query(&SQL.create, &create).fetch_all(&mut *tx).await?;
+                let rows = query(&SQL.create, &new.create_args())
+                    .fetch_all(&mut *tx)
+                    .await?;
                 let row = rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;
                 let id: i64 = row.try_get(0)?;
                 let claim = [
                     Arg::Text(user_id),
                     Arg::Text(key.as_str()),
-                    Arg::Text(title),
-                    Arg::OptText(description),
+                    Arg::Text(new.title),
+                    Arg::OptText(new.description),
                     Arg::Int(id),
                     Arg::Instant(now),
                     Arg::Instant(remembered_since),
                 ];
-                let claimed = query(&CREATE_AND_CLAIM, &claim).fetch_all(&mut *tx).await?;
+                let claimed = query(&CLAIM, &claim).fetch_all(&mut *tx).await?;
                 if claimed.is_empty() {
                     tx.rollback().await?;
                     Ok(None)
