@@ -148,9 +148,8 @@ impl Connections {
         self.wait.observe(started.elapsed().as_secs_f64());
         let mut lease =
             lease.map_err(|_| StoreError::database("no database connection in time"))??;
-        let idle = self
-            .now_ms()
-            .saturating_sub(lease.conn.last_used.swap(self.now_ms(), Ordering::Relaxed));
+        let now = self.now_ms();
+        let idle = now.saturating_sub(lease.conn.last_used.swap(now, Ordering::Relaxed));
         if Duration::from_millis(idle) > self.upkeep.check_after_idle
             && lease.conn.client.simple_query("").await.is_err()
         {

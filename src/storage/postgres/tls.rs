@@ -57,29 +57,15 @@ pub fn connection_settings(
         .collect();
     parsed.set_query((!query.is_empty()).then(|| query.join("&")).as_deref());
     let mut config = tokio_postgres::Config::from_str(parsed.as_str())?;
-    let check = match (mode.as_str(), &root_cert) {
-        ("disable", _) => {
-            config.ssl_mode(SslMode::Disable);
-            Check::Nothing
-        }
-        ("allow" | "prefer", _) => {
-            config.ssl_mode(SslMode::Prefer);
-            Check::Nothing
-        }
-        ("require", None) => {
-            config.ssl_mode(SslMode::Require);
-            Check::Nothing
-        }
-        ("require" | "verify-ca", _) => {
-            config.ssl_mode(SslMode::Require);
-            Check::Chain
-        }
-        ("verify-full", _) => {
-            config.ssl_mode(SslMode::Require);
-            Check::ChainAndName
-        }
+    let (ssl_mode, check) = match (mode.as_str(), &root_cert) {
+        ("disable", _) => (SslMode::Disable, Check::Nothing),
+        ("allow" | "prefer", _) => (SslMode::Prefer, Check::Nothing),
+        ("require", None) => (SslMode::Require, Check::Nothing),
+        ("require" | "verify-ca", _) => (SslMode::Require, Check::Chain),
+        ("verify-full", _) => (SslMode::Require, Check::ChainAndName),
         _ => return Err(StoreError::database("unknown sslmode in DATABASE_URL")),
     };
+    config.ssl_mode(ssl_mode);
     let tls = client_config(check, root_cert.as_deref())?;
     Ok((config, MakeRustlsConnect::new(tls)))
 }
