@@ -30,8 +30,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::storage::sql::{Arg, Stmt};
 use crate::storage::{PoolStatus, StoreError};
 
-/// How many calls share one client before the next client takes calls too.
-pub const PIPELINE_DEPTH: usize = 16;
+/// How many calls share one client before the next client takes calls too. 32 rather
+/// than 16: 32 concurrent lists on one client ran at p99 5 ms against 7–58 ms over two
+/// clients of 16 (2 cores: each extra busy server process is one more for the scheduler
+/// to preempt, and a preempted process stalls every call queued on its client).
+pub const PIPELINE_DEPTH: usize = 32;
 
 /// How the clients are shared.
 #[derive(Debug, Clone)]
