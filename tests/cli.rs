@@ -244,22 +244,35 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Waits for the JSON log line announcing `message`.
+/// Waits for the JSON log line announcing `message`; the event.
 async fn wait_for_log(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     message: &str,
-) {
+) -> serde_json::Value {
+    let mut seen = Vec::new();
     loop {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
             .expect("log line in time")
             .unwrap()
-            .expect("output before exit");
+            .unwrap_or_else(|| panic!("exited before logging {message:?}; it logged {seen:?}"));
         let event: serde_json::Value = serde_json::from_str(&line).unwrap();
         if event["fields"]["message"] == message {
-            return;
+            return event;
         }
+        seen.push(line);
     }
+}
+
+/// The port of a "listening" event (the service asked for port 0 picks a free one, with
+/// no race against other tests for it).
+fn listening_port(event: &serde_json::Value) -> u16 {
+    let address: std::net::SocketAddr = event["fields"]["address"]
+        .as_str()
+        .expect("the listening event names its address")
+        .parse()
+        .unwrap();
+    address.port()
 }
 
 #[tokio::test]
@@ -615,11 +628,15 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
 /// listener closes and the process exits.
 #[tokio::test]
 async fn sigterm_with_a_shutdown_delay_fails_health_and_keeps_serving() {
-    let (dir, port, env, token) = with_secret("roll");
-    let mut env = env.to_vec();
+    let (dir, _, env, token) = with_secret("roll");
+    let mut env: Vec<_> = env
+        .into_iter()
+        .filter(|(name, _)| *name != "PORT")
+        .collect();
+    env.push(("PORT", "0".into()));
     env.push(("SHUTDOWN_DELAY", "2s".into()));
     let (mut child, mut lines) = start(dir.path(), &env);
-    wait_for_log(&mut lines, "listening").await;
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let health = || client.get(format!("{base}/health")).send();
