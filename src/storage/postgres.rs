@@ -189,6 +189,12 @@ impl PgTaskStore {
         self.connections.get(false).await
     }
 
+    /// A client as a write gets one: the only write on it, waited for while every client
+    /// carries one (tools and tests).
+    pub async fn write_connection(&self) -> Result<Lease<'_>, StoreError> {
+        self.connections.get(true).await
+    }
+
     /// Closes every connection; calls made afterwards fail.
     pub fn close(&self) {
         self.connections.close();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use task_api::config::CorsOrigins;
 use task_api::lists::Listing;
-use task_api::storage::postgres::connections::PIPELINE_DEPTH;
+use task_api::storage::postgres::connections::{PIPELINE_DEPTH, WRITES_PER_CONNECTION};
 use task_api::storage::{PgTaskStore, PoolSettings, TaskStore};
 
 use crate::support::{PgSchema, TestApp, pool_settings, postgres_url, utc};
@@ -355,6 +355,98 @@ async fn calls_share_the_first_connection_until_it_is_busy() {
     assert_eq!(store.pool_status().size, 2);
     drop((held, next));
     assert_eq!(backend_pid(&store).await, first);
+}
+
+/// Writes spread over the connections, the fewest on each first, up to
+/// `WRITES_PER_CONNECTION` each; with every connection carrying that many, the next write
+/// waits (first come, first served) for one to finish and runs there, instead of queueing
+/// behind other writes' commits on a shared connection.
+#[tokio::test]
+async fn writes_spread_over_the_connections_and_the_rest_wait_their_turn() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let store = std::sync::Arc::new(store_on(&schema, 3, |s| s).await);
+    let pid = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i32>(0);
+    let mut read = store.connection().await.unwrap();
+    let read_pid = pid(read.fetch_sql("SELECT pg_backend_pid()").await.unwrap());
+
+    let mut writes = Vec::new();
+    for n in 0..3 * WRITES_PER_CONNECTION {
+        let mut write = store.write_connection().await.unwrap();
+        let write_pid = pid(write.fetch_sql("SELECT pg_backend_pid()").await.unwrap());
+        writes.push((write_pid, write));
+        let pids: std::collections::HashSet<_> = writes.iter().map(|(p, _)| *p).collect();
+        assert_eq!(
+            pids.len(),
+            (n + 1).min(3),
+            "each write on a connection with the fewest"
+        );
+    }
+    assert_eq!(store.pool_status().size, 3);
+
+    // Every connection carries its share of writes: the next two wait, in the order they
+    // came.
+    let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let (mut waiting, mut releases) = (Vec::new(), Vec::new());
+    for n in 0..2 {
+        let (store, order_tx) = (store.clone(), order_tx.clone());
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        releases.push(release);
+        waiting.push(tokio::spawn(async move {
+            let mut write = store.write_connection().await.unwrap();
+            let rows = write.fetch_sql("SELECT pg_backend_pid()").await.unwrap();
+            order_tx.send((n, rows[0].get::<_, i32>(0))).unwrap();
+            // Each holds its connection until the test lets it go.
+            let _ = released.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(order.try_recv().is_err(), "a write ran beside another");
+
+    // A write sharing the read's connection ends: the first waiter runs there, the second
+    // still waits.
+    let freed = writes
+        .iter()
+        .position(|(p, _)| *p == read_pid)
+        .expect("writes share the read's connection too");
+    drop(writes.remove(freed));
+    let (first, first_pid) = tokio::time::timeout(Duration::from_secs(5), order.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first, first_pid), (0, read_pid));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        order.try_recv().is_err(),
+        "the second ran beside another write"
+    );
+    drop(writes);
+    let (second, _) = tokio::time::timeout(Duration::from_secs(5), order.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, 1);
+    drop(releases);
+    for task in waiting {
+        task.await.unwrap();
+    }
+    drop(read.fetch_sql("SELECT 1").await.unwrap());
+}
+
+/// The first write goes to a connection the reads do not fill first.
+#[tokio::test]
+async fn writes_take_the_connections_reads_fill_last() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let store = store_on(&schema, 3, |s| s).await;
+    let read_pid = backend_pid(&store).await;
+    let mut write = store.write_connection().await.unwrap();
+    let rows = write.fetch_sql("SELECT pg_backend_pid()").await.unwrap();
+    assert_ne!(rows[0].get::<_, i32>(0), read_pid);
+    drop(write);
+    // Reads still share the first connection.
+    assert_eq!(backend_pid(&store).await, read_pid);
 }
 
 #[tokio::test]
