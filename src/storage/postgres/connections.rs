@@ -213,11 +213,7 @@ impl Connections {
             // ms against 10.2 ms with each write on the least busy client, at 8 % more
             // requests per second; create and patch within the runs' noise.)
             Sharing::Pipelined { .. } => {
-                let permit = self
-                    .write_permits
-                    .acquire()
-                    .await
-                    .map_err(|_| StoreError::database("the pool is closed"))?;
+                let permit = turn(&self.write_permits).await?;
                 let slot = self
                     .claim(
                         |slot| &slot.writes,
@@ -229,11 +225,7 @@ impl Connections {
                 (slot, Some(permit), true)
             }
             Sharing::Exclusive { .. } => {
-                let permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| StoreError::database("the pool is closed"))?;
+                let permit = turn(&self.permits).await?;
                 let slot = self.claim(|slot| &slot.users, 1, 0..self.slots.len()).await;
                 (slot, Some(permit), false)
             }
@@ -478,6 +470,14 @@ impl Lease<'_> {
             .insert(stmt.key(), statement.clone());
         Ok(statement)
     }
+}
+
+/// A permit of `permits`, waited for in turn (first come, first served).
+async fn turn(permits: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+    permits
+        .acquire()
+        .await
+        .map_err(|_| StoreError::database("the pool is closed"))
 }
 
 /// The arguments as tokio-postgres takes them.
