@@ -189,8 +189,8 @@ impl PgTaskStore {
         self.connections.get(false).await
     }
 
-    /// A client as a write gets one: the only write on it, waited for while every client
-    /// carries one (tools and tests).
+    /// A client as a write gets one: waited for in turn while every client carries its
+    /// share of writes (tools and tests).
     pub async fn write_connection(&self) -> Result<Lease<'_>, StoreError> {
         self.connections.get(true).await
     }

@@ -434,6 +434,35 @@ async fn writes_spread_over_the_connections_and_the_rest_wait_their_turn() {
     drop(read.fetch_sql("SELECT 1").await.unwrap());
 }
 
+/// A write given up while its connection is still being opened (a deadline, a client gone)
+/// leaves its place for the next: the connections still take their full share of writes.
+#[tokio::test]
+async fn a_write_given_up_while_connecting_keeps_no_place() {
+    let Some(url) = postgres_url() else { return };
+    let schema = PgSchema::create(&url).await;
+    let store = store_on(&schema, 3, |s| s).await;
+    let mut given_up = 0;
+    for _ in 0..20 {
+        // Cut short at the first wait: the write has its place and is opening a
+        // connection that none of the three has yet.
+        if tokio::time::timeout(Duration::from_micros(1), store.write_connection())
+            .await
+            .is_err()
+        {
+            given_up += 1;
+        }
+    }
+    assert!(
+        given_up >= 3 * WRITES_PER_CONNECTION,
+        "only {given_up} cut short"
+    );
+    let mut writes = Vec::new();
+    for _ in 0..3 * WRITES_PER_CONNECTION {
+        let write = tokio::time::timeout(Duration::from_secs(5), store.write_connection()).await;
+        writes.push(write.expect("a place was lost").unwrap());
+    }
+}
+
 /// The first write goes to a connection the reads do not fill first.
 #[tokio::test]
 async fn writes_take_the_connections_reads_fill_last() {

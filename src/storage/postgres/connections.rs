@@ -106,31 +106,46 @@ struct Conn {
 /// One call's use of a client.
 pub struct Lease<'a> {
     pool: &'a Connections,
-    slot: usize,
     conn: Arc<Conn>,
     /// Whether the call ran to its end (a lent client whose call was cut short may sit
     /// inside a transaction: it is not lent again).
     finished: bool,
-    /// The call is counted in its slot's writes (shared clients).
-    write: bool,
-    /// Dropped after the slot's counts are (fields drop after `drop` has run), so that a
-    /// write let in by a permit finds a slot free of writes.
+    /// Dropped after `drop` has run (fields drop in order after it), and before the
+    /// permit, so that a call let in by a permit finds the room it stands for.
+    claim: Claim<'a>,
     _permit: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        let slot = &self.pool.slots[self.slot];
         if !self.finished && matches!(self.pool.sharing, Sharing::Exclusive { .. }) {
-            let mut conn = slot.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut conn = self
+                .claim
+                .slot
+                .conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &self.conn)) {
                 *conn = None;
             }
         }
+    }
+}
+
+/// A call counted in its slot (and in its writes, for a write) until dropped: also when
+/// the call is given up while its connection is still being opened.
+struct Claim<'a> {
+    slot: &'a Slot,
+    index: usize,
+    write: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
         if self.write {
-            slot.writes.fetch_sub(1, Ordering::Release);
+            self.slot.writes.fetch_sub(1, Ordering::Release);
         }
-        slot.users.fetch_sub(1, Ordering::Release);
+        self.slot.users.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -177,8 +192,8 @@ impl Connections {
         {
             // Closed behind our back (the server restarted, a proxy timed it out): the
             // call gets a new one.
-            self.discard(lease.slot, &lease.conn);
-            lease.conn = self.connection(lease.slot).await?;
+            self.discard(lease.claim.index, &lease.conn);
+            lease.conn = self.connection(lease.claim.index).await?;
         }
         Ok(lease)
     }
@@ -230,22 +245,17 @@ impl Connections {
                 (slot, Some(permit), false)
             }
         };
-        let conn = match self.connection(slot).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                if write {
-                    self.slots[slot].writes.fetch_sub(1, Ordering::Release);
-                }
-                self.slots[slot].users.fetch_sub(1, Ordering::Release);
-                return Err(e);
-            }
+        let claim = Claim {
+            slot: &self.slots[slot],
+            index: slot,
+            write,
         };
+        let conn = self.connection(slot).await?;
         Ok(Lease {
             pool: self,
-            slot,
             conn,
             finished: false,
-            write,
+            claim,
             _permit: permit,
         })
     }
