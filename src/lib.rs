@@ -91,7 +91,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         let metrics_listener = TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("METRICS_ADDR: cannot listen on {metrics_addr}"))?;
-        tracing::info!(address = %metrics_addr, "metrics at /metrics");
+        // The bound address: with port 0 the system picked one.
+        let address = metrics_listener.local_addr()?;
+        tracing::info!(%address, "metrics at /metrics");
         let metrics = metrics::router(state.metrics.clone());
         tokio::spawn(async move { axum::serve(metrics_listener, metrics).await });
     }

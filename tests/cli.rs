@@ -235,15 +235,6 @@ async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatu
         .unwrap()
 }
 
-/// A free loopback port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Waits for the JSON log line announcing `message`; the event.
 async fn wait_for_log(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
@@ -264,8 +255,8 @@ async fn wait_for_log(
     }
 }
 
-/// The port of a "listening" event (the service asked for port 0 picks a free one, with
-/// no race against other tests for it).
+/// The port of a "listening" (or "metrics at /metrics") event: every test asks for port
+/// 0 and the service picks a free one, with no race against other tests for it.
 fn listening_port(event: &serde_json::Value) -> u16 {
     let address: std::net::SocketAddr = event["fields"]["address"]
         .as_str()
@@ -285,11 +276,10 @@ async fn serves_https_and_metrics_on_their_own_listeners() {
         certified.signing_key.serialize_pem(),
     )
     .unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
     let (mut child, mut lines) = start(
         dir.path(),
         &[
-            ("PORT", port.to_string()),
+            ("PORT", "0".into()),
             ("LOG_FORMAT", "json".into()),
             ("JWT_SECRET", "cli-test-secret".into()),
             (
@@ -300,10 +290,11 @@ async fn serves_https_and_metrics_on_their_own_listeners() {
                 "TLS_KEY_FILE",
                 dir.path().join("key.pem").display().to_string(),
             ),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
         ],
     );
-    wait_for_log(&mut lines, "listening").await;
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
+    let metrics_port = listening_port(&wait_for_log(&mut lines, "metrics at /metrics").await);
 
     let client = reqwest::Client::builder()
         .add_root_certificate(
@@ -363,16 +354,15 @@ fn a_missing_certificate_stops_start_up_naming_the_setting() {
 #[tokio::test]
 async fn sigterm_under_load_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let (mut child, mut lines) = start(
         dir.path(),
         &[
-            ("PORT", port.to_string()),
+            ("PORT", "0".into()),
             ("LOG_FORMAT", "json".into()),
             ("JWT_SECRET", "cli-test-secret".into()),
         ],
     );
-    wait_for_log(&mut lines, "listening").await;
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
     // Keep reading the log so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
@@ -451,13 +441,12 @@ async fn sigterm_under_load_loses_no_acknowledged_write() {
     );
 }
 
-/// A directory, a free port and the settings of a service with a shared secret, and a
-/// token for `user` that it accepts.
-fn with_secret(user: &str) -> (tempfile::TempDir, u16, [(&'static str, String); 3], String) {
+/// A directory and the settings of a service with a shared secret (on a port of its
+/// choosing, see [`listening_port`]), and a token for `user` that it accepts.
+fn with_secret(user: &str) -> (tempfile::TempDir, [(&'static str, String); 3], String) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let env = [
-        ("PORT", port.to_string()),
+        ("PORT", "0".into()),
         ("LOG_FORMAT", "json".into()),
         ("JWT_SECRET", "cli-test-secret".into()),
     ];
@@ -470,18 +459,18 @@ fn with_secret(user: &str) -> (tempfile::TempDir, u16, [(&'static str, String); 
     .unwrap()
     .trim()
     .to_owned();
-    (dir, port, env, token)
+    (dir, env, token)
 }
 
 /// An `Idempotency-Key` outlives the process: after a restart, the repeat of a create is
 /// answered the first response and creates nothing.
 #[tokio::test]
 async fn a_create_is_replayed_after_a_restart() {
-    let (dir, port, env, token) = with_secret("phone");
-    let url = format!("http://127.0.0.1:{port}/api/phone/tasks");
-    let create = || {
+    let (dir, env, token) = with_secret("phone");
+    let url = |port: u16| format!("http://127.0.0.1:{port}/api/phone/tasks");
+    let create = |port: u16| {
         reqwest::Client::new()
-            .post(&url)
+            .post(url(port))
             .bearer_auth(&token)
             .header("content-type", "application/json")
             .header("idempotency-key", "offline-edit-1")
@@ -490,21 +479,21 @@ async fn a_create_is_replayed_after_a_restart() {
     };
 
     let (mut child, mut lines) = start(dir.path(), &env);
-    wait_for_log(&mut lines, "listening").await;
-    let first = create().await.unwrap();
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
+    let first = create(port).await.unwrap();
     assert_eq!(first.status(), 201);
     assert!(first.headers().get("idempotent-replayed").is_none());
     let first_body = first.text().await.unwrap();
     assert!(terminate(&mut child).await.success());
 
     let (mut child, mut lines) = start(dir.path(), &env);
-    wait_for_log(&mut lines, "listening").await;
-    let replay = create().await.unwrap();
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
+    let replay = create(port).await.unwrap();
     assert_eq!(replay.status(), 201);
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(replay.text().await.unwrap(), first_body);
     let list = reqwest::Client::new()
-        .get(&url)
+        .get(url(port))
         .bearer_auth(&token)
         .send()
         .await
@@ -542,12 +531,12 @@ fn last_event_id(seen: &str) -> String {
 /// from its last event id gets what changed meanwhile.
 #[tokio::test]
 async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart() {
-    let (dir, port, env, token) = with_secret("lap");
-    let base = format!("http://127.0.0.1:{port}/api/lap");
+    let (dir, env, token) = with_secret("lap");
+    let base = |port: u16| format!("http://127.0.0.1:{port}/api/lap");
     let client = reqwest::Client::new();
-    let create = |title: &'static str| {
+    let create = |port: u16, title: &'static str| {
         client
-            .post(format!("{base}/tasks"))
+            .post(format!("{}/tasks", base(port)))
             .bearer_auth(&token)
             .header("content-type", "application/json")
             .body(format!(r#"{{"title": "{title}"}}"#))
@@ -555,11 +544,11 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
     };
 
     let (mut child, mut lines) = start(dir.path(), &env);
-    wait_for_log(&mut lines, "listening").await;
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
     let mut streams = Vec::new();
     for _ in 0..3 {
         let mut response = client
-            .get(format!("{base}/events"))
+            .get(format!("{}/events", base(port)))
             .bearer_auth(&token)
             .send()
             .await
@@ -569,7 +558,10 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
         assert!(read_until(&mut response, &mut seen, "event: ready").await);
         streams.push((response, seen));
     }
-    assert_eq!(create("before the restart").await.unwrap().status(), 201);
+    assert_eq!(
+        create(port, "before the restart").await.unwrap().status(),
+        201
+    );
     for (response, seen) in &mut streams {
         assert!(read_until(response, seen, "before the restart").await);
     }
@@ -603,10 +595,13 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
     );
 
     let (mut child, mut lines) = start(dir.path(), &env);
-    wait_for_log(&mut lines, "listening").await;
-    assert_eq!(create("after the restart").await.unwrap().status(), 201);
+    let port = listening_port(&wait_for_log(&mut lines, "listening").await);
+    assert_eq!(
+        create(port, "after the restart").await.unwrap().status(),
+        201
+    );
     let mut response = client
-        .get(format!("{base}/events"))
+        .get(format!("{}/events", base(port)))
         .bearer_auth(&token)
         .header("last-event-id", &resume_from)
         .send()
@@ -628,12 +623,8 @@ async fn sigterm_ends_event_streams_at_once_and_streams_resume_after_a_restart()
 /// listener closes and the process exits.
 #[tokio::test]
 async fn sigterm_with_a_shutdown_delay_fails_health_and_keeps_serving() {
-    let (dir, _, env, token) = with_secret("roll");
-    let mut env: Vec<_> = env
-        .into_iter()
-        .filter(|(name, _)| *name != "PORT")
-        .collect();
-    env.push(("PORT", "0".into()));
+    let (dir, env, token) = with_secret("roll");
+    let mut env = env.to_vec();
     env.push(("SHUTDOWN_DELAY", "2s".into()));
     let (mut child, mut lines) = start(dir.path(), &env);
     let port = listening_port(&wait_for_log(&mut lines, "listening").await);
