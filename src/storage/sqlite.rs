@@ -334,39 +334,27 @@ impl Db for SqliteTaskStore {
 mod tests {
     use super::*;
 
+    /// `PRAGMA name` (without a value, it reads the setting back) on `conn`.
+    async fn pragma(conn: &mut Pooled<SqliteConnection>, name: &str) -> i64 {
+        let sql = format!("PRAGMA {name}");
+        conn.run(async |c| sqlx::query_scalar(&sql).fetch_one(c).await)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
-    async fn every_connection_caps_its_page_cache() {
+    async fn every_connection_bounds_its_memory() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
         let store = SqliteTaskStore::connect(&url, &PoolSettings::default())
             .await
             .unwrap();
         for mut conn in [store.read().await.unwrap(), store.write().await.unwrap()] {
-            let size: i64 = conn
-                .run(async |c| sqlx::query_scalar("PRAGMA cache_size").fetch_one(c).await)
-                .await
-                .unwrap();
-            assert_eq!(size, -i64::from(SQLITE_PAGE_CACHE_KIB));
+            let cache = pragma(&mut conn, "cache_size").await;
+            assert_eq!(cache, -i64::from(SQLITE_PAGE_CACHE_KIB));
+            // One limit for the whole process, whichever connection reads it.
+            let limit = pragma(&mut conn, "soft_heap_limit").await;
+            assert_eq!(limit, SQLITE_HEAP_LIMIT_BYTES);
         }
-    }
-
-    #[tokio::test]
-    async fn sqlite_memory_is_bounded_for_the_whole_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
-        let store = SqliteTaskStore::connect(&url, &PoolSettings::default())
-            .await
-            .unwrap();
-        let mut conn = store.read().await.unwrap();
-        // `PRAGMA soft_heap_limit` without a value reads the process's limit back.
-        let limit: i64 = conn
-            .run(async |c| {
-                sqlx::query_scalar("PRAGMA soft_heap_limit")
-                    .fetch_one(c)
-                    .await
-            })
-            .await
-            .unwrap();
-        assert_eq!(limit, SQLITE_HEAP_LIMIT_BYTES);
     }
 }
