@@ -11,6 +11,7 @@ use anyhow::Context;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
+pub mod allocator;
 pub mod auth;
 pub mod config;
 pub mod cursors;

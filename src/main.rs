@@ -36,6 +36,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    task_api::allocator::configure();
     let cli = Cli::parse();
     if let Err(e) = dotenvy::dotenv()
         && !e.not_found()
