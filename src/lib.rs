@@ -41,6 +41,7 @@ const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Runs the service until SIGTERM or Ctrl-C.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     telemetry::init(config.log_format);
+    tracing::debug!(purge_delay_ms = allocator::purge_delay_ms(), "allocator");
 
     let development_secret = if config.auth.has_key() {
         None

@@ -678,3 +678,25 @@ async fn sigterm_with_a_shutdown_delay_fails_health_and_keeps_serving() {
     // Afterwards nothing listens.
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
 }
+
+/// The binary has the allocator give freed memory back after 10 ms (src/allocator.rs),
+/// and `MIMALLOC_PURGE_DELAY` still overrides that.
+#[tokio::test]
+async fn the_allocator_returns_freed_memory_soon_unless_told_otherwise() {
+    for (setting, expected) in [(None, 10), (Some("250"), 250)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = vec![
+            ("PORT", "0".to_owned()),
+            ("LOG_FORMAT", "json".to_owned()),
+            ("JWT_SECRET", "cli-test-secret".to_owned()),
+            ("RUST_LOG", "task_api=debug".to_owned()),
+        ];
+        if let Some(value) = setting {
+            env.push(("MIMALLOC_PURGE_DELAY", value.to_owned()));
+        }
+        // Killed when dropped, at the end of the round.
+        let (_child, mut lines) = start(dir.path(), &env);
+        let event = wait_for_log(&mut lines, "allocator").await;
+        assert_eq!(event["fields"]["purge_delay_ms"], expected, "{setting:?}");
+    }
+}
