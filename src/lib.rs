@@ -68,6 +68,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
                 config.host, config.port
             )
         })?;
+    // From here on a SIGTERM or Ctrl-C is a graceful shutdown, even one that comes while
+    // the rest starts or before the accept loop first looks.
+    let mut signals = ShutdownSignals::listen();
     let address = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%address, scheme, database = store.backend(), "listening");
@@ -115,7 +118,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let app = http::app(state, &options);
     let delay = config.shutdown_delay;
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.recv().await;
         // First the balancer is told (`/health` 503) while requests are still served;
         // then open event streams end at once, so the drain waits only for ordinary
         // requests.
@@ -128,7 +131,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             // A second signal cuts the delay short.
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shutdown_signal() => {}
+                () = signals.recv() => {}
             }
         }
         closing.cancel();
@@ -231,25 +234,53 @@ pub async fn serve(
     Ok(())
 }
 
-/// SIGTERM (how platforms stop a service) or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM (how platforms stop a service) and Ctrl-C, caught from the moment this is
+/// made. (`tokio::signal::ctrl_c()` and a signal stream made inside the shutdown future
+/// would be set up only once that future is first polled, and a signal before that would
+/// kill the process outright.)
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Starts catching the signals; needs the async runtime.
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
             }
-            Err(_) => std::future::pending().await,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Waits for the next signal (one that came since the last call counts).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.terminate) => {},
+                () = next(&mut self.interrupt) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -700,3 +700,16 @@ async fn the_allocator_returns_freed_memory_soon_unless_told_otherwise() {
         assert_eq!(event["fields"]["purge_delay_ms"], expected, "{setting:?}");
     }
 }
+
+/// A SIGTERM that comes as soon as the service says it is listening, before it has
+/// served anything, is a graceful shutdown, not the signal's default (death).
+#[tokio::test]
+async fn sigterm_right_after_start_up_is_a_graceful_shutdown() {
+    let (dir, env, _token) = with_secret("early");
+    for _ in 0..5 {
+        let (mut child, mut lines) = start(dir.path(), &env);
+        wait_for_log(&mut lines, "listening").await;
+        let status = terminate(&mut child).await;
+        assert!(status.success(), "{status}");
+    }
+}
