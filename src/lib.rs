@@ -238,7 +238,7 @@ pub async fn serve(
 /// made. (`tokio::signal::ctrl_c()` and a signal stream made inside the shutdown future
 /// would be set up only once that future is first polled, and a signal before that would
 /// kill the process outright.)
-pub struct ShutdownSignals {
+struct ShutdownSignals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
@@ -247,7 +247,7 @@ pub struct ShutdownSignals {
 
 impl ShutdownSignals {
     /// Starts catching the signals; needs the async runtime.
-    pub fn listen() -> Self {
+    fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -261,7 +261,7 @@ impl ShutdownSignals {
     }
 
     /// Waits for the next signal (one that came since the last call counts).
-    pub async fn recv(&mut self) {
+    async fn recv(&mut self) {
         #[cfg(unix)]
         {
             async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
