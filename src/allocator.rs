@@ -3,9 +3,9 @@
 //!
 //! mimalloc keeps pages it has freed resident for `purge_delay` milliseconds (1000 by
 //! default in mimalloc 3, ten times that for whole arenas) in case they are wanted again.
-//! Under bursts of connections that delay is what a server's peak RSS is made of: at 256
-//! connections on SQLite the whole benchmark peaked at 43.5 MiB with the default and at
-//! 39.3 MiB with 10 ms, at the same throughput within noise. The `mimalloc` crate has no
+//! Under bursts of connections that delay is what a server's peak RSS is made of: the
+//! benchmark's memory set on SQLite (32 and 256 connections) peaked at 43.5 MiB with the
+//! default and at 39.3 MiB with 10 ms, at the same throughput within noise. The `mimalloc` crate has no
 //! setting for it, so the option is set through `libmimalloc-sys`, the C library's own
 //! bindings.
 
@@ -19,7 +19,8 @@ pub const PURGE_DELAY_MS: c_long = 10;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Applies [`PURGE_DELAY_MS`] unless the operator set `MIMALLOC_PURGE_DELAY`, which
-/// mimalloc reads itself. Call once, first thing in `main`.
+/// mimalloc reads itself from the process environment when it starts (before any `.env`
+/// file is read). Call once, first thing in `main`.
 pub fn configure() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: mi_option_set only stores a value in mimalloc's option table (an atomic
