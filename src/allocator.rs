@@ -5,9 +5,9 @@
 //! default in mimalloc 3, ten times that for whole arenas) in case they are wanted again.
 //! Under bursts of connections that delay is what a server's peak RSS is made of: the
 //! benchmark's memory set on SQLite (32 and 256 connections) peaked at 43.5 MiB with the
-//! default and at 39.3 MiB with 10 ms, at the same throughput within noise. The `mimalloc` crate has no
-//! setting for it, so the option is set through `libmimalloc-sys`, the C library's own
-//! bindings.
+//! default and at 39.3 MiB with 10 ms, at the same throughput within noise. The
+//! `mimalloc` crate has no setting for it, so the option is set through
+//! `libmimalloc-sys`, the C library's own bindings.
 
 use std::ffi::c_long;
 
