@@ -8,8 +8,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Method, header};
 use axum::response::IntoResponse;
 use axum::{Json, Router};
-use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{Layer, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -215,6 +215,10 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
     state.draining = options.draining.clone();
     let state = AppState(Arc::new(state));
     let (api, document) = tasks::router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            events::announce_writes,
+        ))
         .merge(changes::router())
         .merge(events::router())
         .routes(routes!(health))
@@ -222,77 +226,61 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
     let mut document = openapi::ApiDoc::openapi().merge_from(document);
     openapi::add_rate_limit_headers(&mut document);
     let router = api
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            events::announce_writes,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.limits.clone(),
-            crate::limits::headers,
-        ))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", document))
-        .fallback(not_found);
-    let draining = options.draining.clone();
-    let router = with_service_layers(router, options, state.metrics.clone());
-    // Outermost, so that every answer (load shedding's 503s too) carries it.
-    router
-        .layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| {
-                let draining = draining.clone();
-                async move {
-                    let http1 = request.version() <= axum::http::Version::HTTP_11;
-                    let mut response = next.run(request).await;
-                    // Keep-alive connections would keep this instance in use after the
-                    // balancer has moved on: ask clients to reconnect (through the balancer).
-                    if draining.is_set() && http1 {
-                        response.headers_mut().insert(
-                            header::CONNECTION,
-                            axum::http::HeaderValue::from_static("close"),
-                        );
-                    }
-                    response
-                }
-            },
-        ))
-        .with_state(state)
+        .fallback(not_found)
+        .layer(middleware::RecordRouteLayer)
+        .with_state(state.clone());
+    let context = middleware::ContextState {
+        metrics: state.metrics.clone(),
+        draining: options.draining.clone(),
+    };
+    around(router, options, context, state.limits.clone())
 }
 
-/// What every route passes through, innermost first: the body limit, panic catching,
-/// the concurrency cap, CORS, and the request context (request id, error body, headers,
-/// log line, metrics).
-fn with_service_layers<S: Clone + Send + Sync + 'static>(
-    router: Router<S>,
+/// The layers every request passes, outermost first: the request context (request id,
+/// error body, headers, log line, metrics, `Connection: close` while draining), CORS,
+/// the concurrency cap, panic catching, the body limit and the rate-limit headers.
+///
+/// They wrap the router once, as one service, rather than each route: `Router::layer`
+/// puts every layer around every route, and each such layer costs a boxed clone of the
+/// service below it on every request.
+fn around(
+    router: Router,
     options: &HttpOptions,
-    metrics: Arc<Metrics>,
-) -> Router<S> {
-    // One semaphore for the whole service (`Router::layer` wraps each route on its own).
-    let overload = ServiceBuilder::new()
+    context: middleware::ContextState,
+    limits: Arc<Limits>,
+) -> Router {
+    let service = ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            context,
+            middleware::request_context,
+        ))
+        .option_layer(cors_layer(&options.cors))
+        // One semaphore for the whole service; the excess is answered 503 at once.
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
             ApiError::Unavailable("The service is busy; retry shortly")
         }))
         .load_shed()
         .layer(GlobalConcurrencyLimitLayer::new(
             options.max_concurrent_requests,
-        ));
-    let mut router = router
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(overload);
-    if let Some(cors) = cors_layer(&options.cors) {
-        router = router.layer(cors);
-    }
-    router.layer(axum::middleware::from_fn_with_state(
-        metrics,
-        middleware::request_context,
-    ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            crate::limits::headers,
+        ))
+        .service(router);
+    Router::new().fallback_service(service)
 }
 
 /// `Strict-Transport-Security` on every response, for a service that serves HTTPS itself.
 pub fn with_hsts(router: Router) -> Router {
-    router.layer(SetResponseHeaderLayer::overriding(
+    let hsts = SetResponseHeaderLayer::overriding(
         header::STRICT_TRANSPORT_SECURITY,
         axum::http::HeaderValue::from_static("max-age=31536000; includeSubDomains"),
-    ))
+    );
+    Router::new().fallback_service(hsts.layer(router))
 }
 
 /// A panic is a bug: answer 500 `INTERNAL_ERROR` (rendered by the request context) rather
@@ -385,10 +373,15 @@ mod tests {
         async fn boom() -> &'static str {
             panic!("secret detail")
         }
-        let router: Router = with_service_layers(
+        let context = middleware::ContextState {
+            metrics: Arc::new(Metrics::new(None, None)),
+            draining: Draining::default(),
+        };
+        let router = around(
             Router::new().route("/boom", get(boom)),
             &HttpOptions::default(),
-            Arc::new(Metrics::new(None, None)),
+            context,
+            Arc::new(Limits::off()),
         );
         let request = axum::http::Request::get("/boom")
             .body(Body::empty())

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, extract::MatchedPath, extract::Request};
+use axum::{Json, extract::Request};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
@@ -273,14 +273,9 @@ impl EventsQuery {
 }
 
 /// After a successful write to a user's tasks, wake their streams on every instance.
+/// The layer of the task routes only.
 pub async fn announce_writes(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-        && req.extensions().get::<MatchedPath>().is_some_and(|p| {
-            matches!(
-                p.as_str(),
-                "/api/{user_id}/tasks" | "/api/{user_id}/tasks/{task_id}"
-            )
-        });
+    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let user = is_write
         .then(|| path_segment(req.uri(), USER_ID_SEGMENT))
         .flatten()

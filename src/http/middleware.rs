@@ -1,18 +1,21 @@
 //! The layer every request passes: request id, the contract's error body, safe headers,
-//! and one log line.
+//! one log line and the request's metrics; and the marker that tells it which route
+//! answered.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use std::sync::Arc;
-
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::X_REQUEST_ID;
+use super::{Draining, X_REQUEST_ID};
 use crate::error::ErrorReport;
 use crate::metrics::Metrics;
 
@@ -22,8 +25,18 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// above any token the service reads (8 KiB), so an oversized token is still a 401.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
+/// What the request context needs: the metrics it records into, and whether the
+/// service is shutting down.
+#[derive(Clone)]
+pub struct ContextState {
+    pub metrics: Arc<Metrics>,
+    pub draining: Draining,
+}
+
+/// The outermost layer, around routing: it runs once per request, whatever the route.
+/// Which route answered it learns from the response (see [`RecordRoute`]).
 pub async fn request_context(
-    State(metrics): State<Arc<Metrics>>,
+    State(context): State<ContextState>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -31,14 +44,12 @@ pub async fn request_context(
     let request_id = client_request_id(req.headers())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    // The route template, never the concrete path: it holds user ids.
-    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let http1 = req.version() <= Version::HTTP_11;
     let span = tracing::info_span!(
         "request",
         method = %method,
-        route,
+        route = tracing::field::Empty,
         request_id = %request_id,
         user_id = tracing::field::Empty,
     );
@@ -71,13 +82,96 @@ pub async fn request_context(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Keep-alive connections would keep a draining instance in use after the balancer
+    // has moved on: ask clients to reconnect (through the balancer).
+    if http1 && context.draining.is_set() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 
+    // The route template, never the concrete path: it holds user ids.
+    let route = response
+        .extensions_mut()
+        .remove::<MatchedRoute>()
+        .map(|MatchedRoute(route)| route);
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    span.record("route", route);
     let status = response.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
-    metrics.observe(method.as_str(), route, status, seconds, error_code);
+    context
+        .metrics
+        .observe(method.as_str(), route, status, seconds, error_code);
     let duration_ms = seconds * 1000.0;
     span.in_scope(|| tracing::info!(status, duration_ms, "request"));
     response
+}
+
+/// The route template that answered, carried on the response out to [`request_context`].
+#[derive(Clone)]
+struct MatchedRoute(MatchedPath);
+
+/// Puts the matched route template on the response. Applied with `Router::layer`, it is
+/// the one layer inside routing: every other layer wraps the router once, because a
+/// layer inside routing costs a boxed service clone per request for each route it
+/// wraps. (`axum::middleware::from_fn` would box the inner service and the future on
+/// every request; this is a plain service with its own future.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordRouteLayer;
+
+impl<S> tower::Layer<S> for RecordRouteLayer {
+    type Service = RecordRoute<S>;
+
+    fn layer(&self, inner: S) -> RecordRoute<S> {
+        RecordRoute(inner)
+    }
+}
+
+/// See [`RecordRouteLayer`].
+#[derive(Clone, Debug)]
+pub struct RecordRoute<S>(S);
+
+impl<S, B> tower::Service<axum::http::Request<B>> for RecordRoute<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = RecordRouteFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        RecordRouteFuture {
+            route: request.extensions().get::<MatchedPath>().cloned(),
+            inner: self.0.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RecordRoute`].
+    pub struct RecordRouteFuture<F> {
+        #[pin]
+        inner: F,
+        route: Option<MatchedPath>,
+    }
+}
+
+impl<F, E> Future for RecordRouteFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(route) = this.route.take() {
+            response.extensions_mut().insert(MatchedRoute(route));
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 /// Writes the contract's error JSON, for our errors (which carry an [`ErrorReport`]) and
