@@ -188,12 +188,12 @@ impl Connections {
         let now = self.now_ms();
         let idle = now.saturating_sub(lease.conn.last_used.swap(now, Ordering::Relaxed));
         if Duration::from_millis(idle) > self.upkeep.check_after_idle
-            && lease.conn.client.simple_query("").await.is_err()
+            && Box::pin(lease.conn.client.simple_query("")).await.is_err()
         {
             // Closed behind our back (the server restarted, a proxy timed it out): the
             // call gets a new one.
             self.discard(lease.claim.index, &lease.conn);
-            lease.conn = self.connection(lease.claim.index).await?;
+            lease.conn = Box::pin(self.connection(lease.claim.index)).await?;
         }
         Ok(lease)
     }
@@ -304,7 +304,10 @@ impl Connections {
         if let Some(conn) = usable(&slot.conn.lock().unwrap_or_else(PoisonError::into_inner)) {
             return Ok(conn);
         }
-        let conn = Arc::new(self.open().await?);
+        // Boxed: opening a connection (TLS handshake, start-up) is a large future, and
+        // inline it would make every checkout's future as large, to be copied on each
+        // call though it is rarely opened.
+        let conn = Arc::new(Box::pin(self.open()).await?);
         *slot.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
         Ok(conn)
     }
