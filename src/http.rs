@@ -215,10 +215,6 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
     state.draining = options.draining.clone();
     let state = AppState(Arc::new(state));
     let (api, document) = tasks::router()
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            events::announce_writes,
-        ))
         .merge(changes::router())
         .merge(events::router())
         .routes(routes!(health))
@@ -234,27 +230,37 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         metrics: state.metrics.clone(),
         draining: options.draining.clone(),
     };
+    let router = events::AnnounceWritesLayer(state.events.clone()).layer(router);
     around(router, options, context, state.limits.clone())
 }
 
 /// The layers every request passes, outermost first: the request context (request id,
 /// error body, headers, log line, metrics, `Connection: close` while draining), CORS,
-/// the concurrency cap, panic catching, the body limit and the rate-limit headers.
+/// the concurrency cap, panic catching, the body limit and the rate-limit headers (the
+/// announcement of writes is the service's own, just outside routing).
 ///
 /// They wrap the router once, as one service, rather than each route: `Router::layer`
 /// puts every layer around every route, and each such layer costs a boxed clone of the
 /// service below it on every request.
-fn around(
-    router: Router,
+fn around<S>(
+    router: S,
     options: &HttpOptions,
     context: middleware::ContextState,
     limits: Arc<Limits>,
-) -> Router {
+) -> Router
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let service = ServiceBuilder::new()
-        .layer(axum::middleware::from_fn_with_state(
-            context,
-            middleware::request_context,
-        ))
+        .layer(middleware::RequestContextLayer(context))
         .option_layer(cors_layer(&options.cors))
         // One semaphore for the whole service; the excess is answered 503 at once.
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -266,10 +272,7 @@ fn around(
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            limits,
-            crate::limits::headers,
-        ))
+        .layer(crate::limits::RateLimitHeadersLayer(limits))
         .service(router);
     Router::new().fallback_service(service)
 }

@@ -6,9 +6,12 @@
 //! failure counted in `task_api_redis_errors_total` and logged at most once per interval.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -333,7 +336,7 @@ fn policy_header(settings: &LimitSettings) -> Option<HeaderValue> {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Answer {
+pub enum Answer {
     Counted(Decision),
     /// The shared store did not answer: served unlimited, and the count is unknown.
     Uncounted(Policy),
@@ -350,37 +353,95 @@ fn keep(answer: Answer) {
     let _ = ANSWER.try_with(|slot| slot.set(Some(answer)));
 }
 
-/// The layer on `/api`: writes `RateLimit-Policy` and `RateLimit` into the response of
-/// every request whose token verified (429s included). When Redis did not answer, the
-/// request was served unlimited, and `RateLimit` says the whole quota is left.
-pub async fn headers(
-    axum::extract::State(limits): axum::extract::State<Arc<Limits>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let Some(policy) = limits.policy_header.clone() else {
-        return next.run(request).await;
-    };
-    ANSWER
-        .scope(Cell::new(None), async move {
-            let mut response = next.run(request).await;
-            if let Some(answer) = ANSWER.with(Cell::get) {
-                let headers = response.headers_mut();
-                headers.insert(RATE_LIMIT_POLICY.clone(), policy);
-                let current = match answer {
-                    Answer::Counted(decision) => decision.header(USER_POLICY),
-                    // Served unlimited: the whole quota is there to be spent.
-                    Answer::Uncounted(policy) => {
-                        format!("\"{USER_POLICY}\";r={};t=0", policy.quota)
-                    }
-                };
-                if let Ok(value) = HeaderValue::try_from(current) {
-                    headers.insert(RATE_LIMIT.clone(), value);
+/// The layer that writes `RateLimit-Policy` and `RateLimit` into the response of every
+/// request whose token verified (429s included). When Redis did not answer, the request
+/// was served unlimited, and `RateLimit` says the whole quota is left.
+///
+/// A plain service rather than `axum::middleware::from_fn`, which would box the service
+/// below it and the future on every request.
+#[derive(Clone)]
+pub struct RateLimitHeadersLayer(pub Arc<Limits>);
+
+impl<S> tower::Layer<S> for RateLimitHeadersLayer {
+    type Service = RateLimitHeaders<S>;
+
+    fn layer(&self, inner: S) -> RateLimitHeaders<S> {
+        RateLimitHeaders {
+            inner,
+            limits: self.0.clone(),
+        }
+    }
+}
+
+/// See [`RateLimitHeadersLayer`].
+#[derive(Clone)]
+pub struct RateLimitHeaders<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for RateLimitHeaders<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::response::Response>,
+{
+    type Response = axum::response::Response;
+    type Error = S::Error;
+    type Future =
+        tokio::task::futures::TaskLocalFuture<Cell<Option<Answer>>, WithHeaders<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        // The future runs in the answer's scope: the limit, deep in the handler's
+        // extractors, leaves its answer there.
+        ANSWER.scope(
+            Cell::new(None),
+            WithHeaders {
+                inner: self.inner.call(request),
+                policy: self.limits.policy_header.clone(),
+            },
+        )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RateLimitHeaders`], inside the answer's scope.
+    pub struct WithHeaders<F> {
+        #[pin]
+        inner: F,
+        policy: Option<HeaderValue>,
+    }
+}
+
+impl<F, E> Future for WithHeaders<F>
+where
+    F: Future<Output = Result<axum::response::Response, E>>,
+{
+    type Output = Result<axum::response::Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(policy) = this.policy.take()
+            && let Some(answer) = ANSWER.try_with(Cell::get).ok().flatten()
+        {
+            let headers = response.headers_mut();
+            headers.insert(RATE_LIMIT_POLICY.clone(), policy);
+            let current = match answer {
+                Answer::Counted(decision) => decision.header(USER_POLICY),
+                // Served unlimited: the whole quota is there to be spent.
+                Answer::Uncounted(policy) => {
+                    format!("\"{USER_POLICY}\";r={};t=0", policy.quota)
                 }
+            };
+            if let Ok(value) = HeaderValue::try_from(current) {
+                headers.insert(RATE_LIMIT.clone(), value);
             }
-            response
-        })
-        .await
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 #[cfg(test)]

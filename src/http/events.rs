@@ -2,11 +2,14 @@
 //! where, and the SSE encoding. What the stream sends is `events::stream`'s.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::State;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, extract::Request};
@@ -17,10 +20,11 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Caller, USER_ID_SEGMENT, authenticate, owns_path, path_segment};
+use super::middleware::matched_route;
 use super::openapi::{AccessErrors, CursorExpired, Invalid};
 use crate::auth::bearer_token;
 use crate::error::{ApiError, FieldError};
-use crate::events::fanout::Full;
+use crate::events::fanout::{Fanout, Full};
 use crate::events::stream::{EventStream, OpenError, StreamEvent};
 use crate::events::tickets::Ticket;
 use crate::storage::{self, within_deadline};
@@ -272,21 +276,87 @@ impl EventsQuery {
     }
 }
 
-/// After a successful write to a user's tasks, wake their streams on every instance.
-/// The layer of the task routes only.
-pub async fn announce_writes(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let user = is_write
-        .then(|| path_segment(req.uri(), USER_ID_SEGMENT))
-        .flatten()
-        .and_then(|user| String::from_utf8(user.into_owned()).ok());
-    let response = next.run(req).await;
-    if let Some(user) = user
-        && response.status().is_success()
-    {
-        app.events.changed(&user);
+/// After a successful write to a user's tasks, wake their streams on every instance: a
+/// layer outside routing, which learns from the response which route answered.
+///
+/// A plain service rather than `axum::middleware::from_fn`, which would box the service
+/// below it and the future on every request, reads included.
+#[derive(Clone)]
+pub struct AnnounceWritesLayer(pub Arc<Fanout>);
+
+impl<S> tower::Layer<S> for AnnounceWritesLayer {
+    type Service = AnnounceWrites<S>;
+
+    fn layer(&self, inner: S) -> AnnounceWrites<S> {
+        AnnounceWrites {
+            inner,
+            events: self.0.clone(),
+        }
     }
-    response
+}
+
+/// See [`AnnounceWritesLayer`].
+#[derive(Clone)]
+pub struct AnnounceWrites<S> {
+    inner: S,
+    events: Arc<Fanout>,
+}
+
+impl<S> tower::Service<Request> for AnnounceWrites<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = AnnounceFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        let writer = is_write
+            .then(|| path_segment(req.uri(), USER_ID_SEGMENT))
+            .flatten()
+            .and_then(|user| String::from_utf8(user.into_owned()).ok())
+            .map(|user| (self.events.clone(), user));
+        AnnounceFuture {
+            inner: self.inner.call(req),
+            writer,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`AnnounceWrites`].
+    pub struct AnnounceFuture<F> {
+        #[pin]
+        inner: F,
+        writer: Option<(Arc<Fanout>, String)>,
+    }
+}
+
+impl<F, E> Future for AnnounceFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some((events, user)) = this.writer.take()
+            && response.status().is_success()
+            && matches!(
+                matched_route(&response),
+                Some("/api/{user_id}/tasks" | "/api/{user_id}/tasks/{task_id}")
+            )
+        {
+            events.changed(&user);
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 #[cfg(test)]

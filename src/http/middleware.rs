@@ -9,9 +9,10 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use std::convert::Infallible;
+
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
@@ -33,43 +34,146 @@ pub struct ContextState {
     pub draining: Draining,
 }
 
-/// The outermost layer, around routing: it runs once per request, whatever the route.
-/// Which route answered it learns from the response (see [`RecordRoute`]).
-pub async fn request_context(
-    State(context): State<ContextState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let request_id = client_request_id(req.headers())
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let method = req.method().clone();
-    let http1 = req.version() <= Version::HTTP_11;
-    let span = tracing::info_span!(
-        "request",
-        method = %method,
-        route = tracing::field::Empty,
-        request_id = %request_id,
-        user_id = tracing::field::Empty,
-    );
+/// The request context as a layer: the outermost, around routing, so it runs once per
+/// request whatever the route. Which route answered it learns from the response (see
+/// [`RecordRoute`]).
+///
+/// A plain service with its own future rather than `axum::middleware::from_fn`, which
+/// would box the whole service below it, and the future, on every request.
+#[derive(Clone)]
+pub struct RequestContextLayer(pub ContextState);
 
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len())
-        .sum();
-    let mut response = if header_bytes > MAX_HEADER_BYTES {
-        let mut response = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
-        response.extensions_mut().insert(ErrorReport::message(
-            "VALIDATION_ERROR",
-            "Request headers are larger than 32 KiB",
-        ));
-        response
-    } else {
-        next.run(req).instrument(span.clone()).await
-    };
+impl<S> tower::Layer<S> for RequestContextLayer {
+    type Service = RequestContext<S>;
 
+    fn layer(&self, inner: S) -> RequestContext<S> {
+        RequestContext {
+            inner,
+            context: self.0.clone(),
+        }
+    }
+}
+
+/// See [`RequestContextLayer`].
+#[derive(Clone)]
+pub struct RequestContext<S> {
+    inner: S,
+    context: ContextState,
+}
+
+/// What the request context keeps from the request for its response.
+struct Pending {
+    started: Instant,
+    request_id: String,
+    method: axum::http::Method,
+    http1: bool,
+    span: tracing::Span,
+    context: ContextState,
+    /// The answer when the request never reaches the service below (431).
+    refused: Option<Response>,
+}
+
+impl<S> tower::Service<Request> for RequestContext<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = RequestContextFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = Instant::now();
+        let request_id = client_request_id(req.headers())
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let method = req.method().clone();
+        let http1 = req.version() <= Version::HTTP_11;
+        // `route` is recorded once the response says which route answered.
+        let span = tracing::info_span!(
+            "request",
+            method = %method,
+            route = tracing::field::Empty,
+            request_id = %request_id,
+            user_id = tracing::field::Empty,
+        );
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        let (inner, refused) = if header_bytes > MAX_HEADER_BYTES {
+            let mut response = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+            response.extensions_mut().insert(ErrorReport::message(
+                "VALIDATION_ERROR",
+                "Request headers are larger than 32 KiB",
+            ));
+            (None, Some(response))
+        } else {
+            (Some(self.inner.call(req).instrument(span.clone())), None)
+        };
+        RequestContextFuture {
+            inner,
+            pending: Some(Pending {
+                started,
+                request_id,
+                method,
+                http1,
+                span,
+                context: self.context.clone(),
+                refused,
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RequestContext`].
+    pub struct RequestContextFuture<F> {
+        #[pin]
+        inner: Option<tracing::instrument::Instrumented<F>>,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F> Future for RequestContextFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answered = match this.inner.as_pin_mut() {
+            Some(inner) => Some(std::task::ready!(inner.poll(cx))?),
+            None => None,
+        };
+        let Some(mut pending) = this.pending.take() else {
+            // Polled again after it finished: a caller's bug, answered rather than hung.
+            return Poll::Ready(Ok(StatusCode::INTERNAL_SERVER_ERROR.into_response()));
+        };
+        let response = answered
+            .or_else(|| pending.refused.take())
+            .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        Poll::Ready(Ok(finish(pending, response)))
+    }
+}
+
+/// The request context's work on the response: the error body, the headers, the log
+/// line and the metrics.
+fn finish(pending: Pending, mut response: Response) -> Response {
+    let Pending {
+        started,
+        request_id,
+        method,
+        http1,
+        span,
+        context,
+        refused: _,
+    } = pending;
     let error_code = (response.status().is_client_error() || response.status().is_server_error())
         .then(|| render_error(&mut response, &request_id));
     let headers = response.headers_mut();
@@ -103,6 +207,15 @@ pub async fn request_context(
     let duration_ms = seconds * 1000.0;
     span.in_scope(|| tracing::info!(status, duration_ms, "request"));
     response
+}
+
+/// The route template that answered, if the response came from one (and not from the
+/// fallback): for layers outside routing, which see only the response.
+pub fn matched_route(response: &Response) -> Option<&str> {
+    response
+        .extensions()
+        .get::<MatchedRoute>()
+        .map(|MatchedRoute(route)| route.as_str())
 }
 
 /// The route template that answered, carried on the response out to [`request_context`].
