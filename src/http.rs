@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 mod changes;
 mod events;
 pub mod extract;
+mod json;
 pub mod middleware;
 pub mod openapi;
 mod tasks;

@@ -1,6 +1,6 @@
 //! The change feed endpoint: open the cursor, one store call, the answer.
 
-use axum::Json;
+use super::json::JsonBody;
 use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -40,7 +40,7 @@ async fn changes(
     State(app): State<AppState>,
     Owner(user): Owner,
     ChangesQuery(params): ChangesQuery,
-) -> Result<Json<Feed>, ApiError> {
+) -> Result<JsonBody<Feed>, ApiError> {
     let now = storage::now();
     let from = params
         .cursor
@@ -54,5 +54,11 @@ async fn changes(
             .changes(&user, since, from.is_some(), params.limit),
     )
     .await?;
-    Ok(Json(sync::answer(page, from, now, &app.cursors, &user)?))
+    Ok(JsonBody(sync::answer(
+        page,
+        from,
+        now,
+        &app.cursors,
+        &user,
+    )?))
 }

@@ -7,12 +7,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use axum::extract::Request;
 use axum::extract::State;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, extract::Request};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Caller, USER_ID_SEGMENT, authenticate, owns_path, path_segment};
+use super::json::JsonBody;
 use super::middleware::matched_route;
 use super::openapi::{AccessErrors, CursorExpired, Invalid};
 use crate::auth::bearer_token;
@@ -80,7 +81,7 @@ pub struct StreamTokenExpired {
 async fn create_ticket(
     State(app): State<AppState>,
     Caller(identity): Caller,
-) -> Result<(StatusCode, Json<TicketBody>), ApiError> {
+) -> Result<(StatusCode, JsonBody<TicketBody>), ApiError> {
     let ticket = Ticket::issue(&identity.user, storage::now())
         .map_err(|_| ApiError::Unavailable("Cannot make a ticket right now; retry shortly"))?;
     within_deadline(app.store.store_ticket(
@@ -94,7 +95,7 @@ async fn create_ticket(
         ticket: ticket.seal(&app.cursors),
         expires_at: ticket.expires_at,
     };
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok((StatusCode::CREATED, JsonBody(body)))
 }
 
 /// The user's changes as they happen, as server-sent events.

@@ -1,7 +1,7 @@
 //! The six task endpoints. Each is: extract (checks in contract order), one store call,
 //! then the conditional-request rules that need the stored task.
 
-use axum::Json;
+use super::json::JsonBody;
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -87,7 +87,12 @@ async fn list(
         tasks: page.tasks,
         next_cursor,
     };
-    Ok(([(header::ETAG, list_etag(page.marker))], link, Json(body)).into_response())
+    Ok((
+        [(header::ETAG, list_etag(page.marker))],
+        link,
+        JsonBody(body),
+    )
+        .into_response())
 }
 
 /// `Link: <…>; rel="next"`: this request's URL with `cursor` set (and no `offset`).
@@ -152,7 +157,7 @@ async fn create(
         StatusCode::CREATED,
         headers,
         replayed.map(|h| [h]),
-        Json(task),
+        JsonBody(task),
     )
         .into_response())
 }
@@ -269,7 +274,7 @@ fn refusal(error: StoreError, if_match_missing: bool) -> ApiError {
 
 /// 200 with the task and its `ETag`.
 fn tagged(task: Task) -> Response {
-    ([(header::ETAG, task_etag(task.version))], Json(task)).into_response()
+    ([(header::ETAG, task_etag(task.version))], JsonBody(task)).into_response()
 }
 
 /// 304: no body, the current `ETag`.
